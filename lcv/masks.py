@@ -26,6 +26,8 @@ Axis letters: B batch, T query length, S key length.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,6 +92,26 @@ def intervals(segment_ids, frame_ids, frame_bidirectional: bool = True):
     hi = jnp.where(frame >= 0, end, idx)
   pad = seg == 0
   return jnp.where(pad, 0, lo), jnp.where(pad, -1, hi)
+
+
+class TokenMask(NamedTuple):
+  """Per-token mask description, int32[B, S] each; a pytree, so it reorders and shards with data.
+
+  lo, hi: the token's interval of allowed keys (as a query), in global key indices.
+  index: the token's own global index (as a key). Equal to arange(S) in natural order; after a
+    zig-zag reorder (`lcv.parallel.context`) it carries the original positions, so the mask stays
+    exact in any token order.
+  """
+
+  lo: jax.Array
+  hi: jax.Array
+  index: jax.Array
+
+
+def token_mask(segment_ids, frame_ids, frame_bidirectional: bool = True) -> TokenMask:
+  """`TokenMask` of a layout in natural token order."""
+  lo, hi = intervals(segment_ids, frame_ids, frame_bidirectional)
+  return TokenMask(lo, hi, key_indices(*lo.shape))
 
 
 def key_indices(batch: int, length: int, offset=0) -> jax.Array:
