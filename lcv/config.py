@@ -11,7 +11,9 @@ from typing import Literal
 
 # --- rope / positions ---
 
-# --- models ---
+# --- models: vision / projector ---
+
+# --- models: decoder / vlm ---
 
 # --- mesh / parallelism ---
 
