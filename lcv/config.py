@@ -128,7 +128,10 @@ class VisionConfig:
     if self.image_size % self.patch and not self.drop_remainder:
       raise ValueError(f"{self.image_size=} must be a multiple of {self.patch=}")
     if not -self.depth - 1 <= self.feature_layer <= self.depth:
-      raise ValueError(f"{self.feature_layer=} must index hidden states 0..{self.depth=} (or -1..)")
+      raise ValueError(
+        f"{self.feature_layer=} must index the depth + 1 hidden states: "
+        f"{-self.depth - 1} <= feature_layer <= {self.depth}"
+      )
     if self.keep_class_token and not self.class_token:
       raise ValueError(f"{self.keep_class_token=} needs class_token=True")
 
@@ -412,6 +415,7 @@ class DataConfig:
   frames_per_row: R, frame capacity of a packed row (0: seq_len // tokens_per_frame); the vision
     tower encodes R frames per row, so keep it near the real need.
   pixel_mean / pixel_std: per-channel normalisation of [0, 1] pixels for the vision tower.
+  synthetic_*: frames per video (min, max), text kinds (`lcv.data.synthetic.KINDS`), set size.
   answer_weight / prompt_weight: loss weight of answer-or-caption text and of prompt text.
   """
 
@@ -435,6 +439,7 @@ class DataConfig:
   seed: int = 0
   prefetch: int = 2
   synthetic_frames: tuple[int, int] = (2, 4)
+  synthetic_kinds: tuple[str, ...] = ("caption", "colour", "object")
   synthetic_size: int = 100_000
 
 
@@ -510,6 +515,9 @@ class VNIAHConfig:
   pad_multiple: sequences are padded to a multiple of this (fewer compilations; must be a multiple
     of 2 x the context-parallel size for zig-zag sharding).
   v2pe_delta: visual position stride at inference for V2PE models (None: the model's default).
+  prefix_chunk: > 0 scores an `lcv.models.vlm.VLM` in chunks of this many tokens with the prefix
+    shared by a cell's needles prefilled once into a KV cache (`lcv.eval.prefix_cache`; a
+    divisor of pad_multiple); 0 runs each case as one forward (zig-zag sharded over `context`).
   encode_batch: frames per vision-tower call when filling the embedding cache.
   """
 
@@ -531,6 +539,7 @@ class VNIAHConfig:
   max_new_tokens: int = 16
   pad_multiple: int = 1024
   v2pe_delta: float | None = None
+  prefix_chunk: int = 0
   encode_batch: int = 32
   seed: int = 24242424
   cache_dir: str = "niah_cache"
