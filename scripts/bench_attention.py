@@ -1,0 +1,276 @@
+"""Attention benchmark: lcv's Pallas kernel against cuDNN, JAX's Pallas ops and XLA, one process.
+
+Layouts (one [B, S] token description each, DESIGN.md section 2): `causal` (one text sample),
+`frame144` / `frame257` (one video sample, frame-block-causal with 144- / 257-token frames) and
+`packed` (4 equal samples, each frame-block-causal with 257-token frames). Every (impl, layout, S)
+is checked against a dense float32 reference (S <= --check_max) or against cuDNN causal before it
+is timed. Effective TFLOP/s counts only allowed pairs: 4 * B * N * T * S * H * density for the
+forward, x3.5 for forward + backward (2 matmuls forward, 5 backward: the usual convention).
+
+Usage (on a GPU):  python scripts/bench_attention.py --seq 4096,16384 --out results.jsonl
+Prints a table, then the JSON lines (also written to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcv import masks
+from lcv.kernels import flash_gpu
+
+LAYOUTS = ("causal", "frame144", "frame257", "packed")
+
+
+def layout(name: str, s: int):
+  """(segment_ids, frame_ids) int32[1, S] of a named layout."""
+  idx = np.arange(s)
+  if name == "causal":
+    return np.ones((1, s), np.int32), np.full((1, s), -1, np.int32)
+  if name.startswith("frame"):
+    return np.ones((1, s), np.int32), (idx // int(name[5:]))[None].astype(np.int32)
+  if name == "packed":
+    seg = idx * 4 // s + 1
+    start = (seg - 1) * s // 4
+    return seg[None].astype(np.int32), ((idx - start) // 257)[None].astype(np.int32)
+  raise ValueError(f"{name=} must be one of {LAYOUTS}")
+
+
+def timeit(fn, *args, iters: int, warmup: int = 2, repeats: int = 3) -> float:
+  """Time in ms per call of fn(*args): median over `repeats` of `iters` back-to-back calls
+  (dispatch overlaps the device work; one sync per repeat), after warm-up (compiles there)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    outs = [fn(*args) for _ in range(iters)]
+    jax.block_until_ready(outs)
+    times.append((time.perf_counter() - t0) * 1e3 / iters)
+  return statistics.median(times)
+
+
+def fwd_bwd(attn):
+  """jit(q, k, v, do -> (dq, dk, dv)) of an attn(q, k, v) -> o, forward included."""
+
+  def run(q, k, v, do):
+    _, vjp = jax.vjp(attn, q, k, v)
+    return vjp(do)
+
+  return jax.jit(run)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@dataclasses.dataclass
+class Case:
+  layout: str
+  s: int
+  lo: jax.Array
+  hi: jax.Array
+  kid: jax.Array
+  density: float
+  seg: np.ndarray
+  frame: np.ndarray
+
+
+def make_case(name: str, s: int) -> Case:
+  seg, fr = layout(name, s)
+  lo, hi = masks.intervals(seg, fr)
+  kid = masks.key_indices(1, s)
+  # Allowed pairs counted in float64 on the host (int32 S * S overflows at 64K).
+  lo_np, hi_np = np.asarray(lo[0], np.float64), np.asarray(hi[0], np.float64)
+  density = float(np.maximum(hi_np - lo_np + 1, 0).sum() / (s * s))
+  return Case(name, s, lo, hi, kid, density, seg, fr)
+
+
+def impls(case: Case, args, block_sizes):
+  """name -> attn(q, k, v) -> o for the implementations that support this case."""
+  lo, hi, kid = case.lo, case.hi, case.kid
+  out = {
+    "lcv_pallas": lambda q, k, v: flash_gpu.attention(
+      q, k, v, lo, hi, kid, block_sizes=block_sizes
+    )[0]
+  }
+  if case.layout == "causal":
+    out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation="cudnn"
+    )
+    try:
+      from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+      out["jax_pallas_triton"] = lambda q, k, v: pallas_mha.mha(
+        q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=True
+      )
+    except ImportError as e:
+      print(f"jax Pallas Triton mha unavailable: {e}", file=sys.stderr)
+  elif case.s <= args.dense_mask_max:
+    dense = jnp.asarray(masks.dense(case.seg, case.frame))[:, None]
+    out["cudnn_dense_mask"] = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=dense, implementation="cudnn"
+    )
+  if case.s <= args.xla_max:
+    dense = jnp.asarray(masks.dense(case.seg, case.frame))[:, None]
+    out["xla"] = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=dense, implementation="xla"
+    )
+  return out
+
+
+def mgpu_forward(case: Case):
+  """JAX's Mosaic-GPU FA3 forward (fp16 only, causal only), if it runs here; else None."""
+  if case.layout != "causal":
+    return None
+  try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    cfg = mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+    return lambda q, k, v: mgpu.attention((q * q.shape[-1] ** -0.5).astype(q.dtype), k, v, cfg)
+  except Exception as e:  # noqa: BLE001 - a peer that does not run is reported, not fatal
+    print(f"attention_mgpu unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    return None
+
+
+def _wanted(args, impl: str) -> bool:
+  return not args.impls or impl in args.impls
+
+
+def bench(args) -> list[dict]:
+  b, n, h, dt = 1, args.heads, args.head_dim, jnp.bfloat16
+  bs = flash_gpu.BlockSizes(**json.loads(args.block_sizes)) if args.block_sizes else None
+  rows = []
+  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "B": b, "N": n, "H": h}
+  meta["lcv_block_sizes"] = dataclasses.asdict(bs or flash_gpu.BlockSizes())
+  for s in args.seq:
+    key = jax.random.split(jax.random.key(s), 4)
+    q, k, v, do = (jax.random.normal(x, (b, s, n, h), dt) for x in key)
+    cudnn_ms = {}
+    for name in args.layouts:
+      case = make_case(name, s)
+      flops = 4 * b * n * s * s * h * case.density
+      ref = None
+      if s <= args.check_max:
+        ref = jax.jit(
+          lambda q, k, v, do, c=case: jax.vjp(
+            lambda q, k, v: flash_gpu.attention_reference(q, k, v, c.lo, c.hi, c.kid)[0], q, k, v
+          )
+        )
+        ro, vjp = ref(q, k, v, do)
+        ref = (ro, vjp(do))
+      candidates = {i: f for i, f in impls(case, args, bs).items() if _wanted(args, i)}
+      mg = mgpu_forward(case) if _wanted(args, "jax_mosaic_gpu_fp16") else None
+      for impl, attn in candidates.items():
+        for pas in args.passes:
+          fn = jax.jit(attn) if pas == "fwd" else fwd_bwd(attn)
+          call = (q, k, v) if pas == "fwd" else (q, k, v, do)
+          row = dict(meta, impl=impl, layout=name, S=s, pass_=pas, density=round(case.density, 4))
+          try:
+            out = fn(*call)
+            if ref is not None:
+              row["rel_err"] = (
+                rel_err(out, ref[0])
+                if pas == "fwd"
+                else max(rel_err(g, r) for g, r in zip(out, ref[1]))
+              )
+            ms = timeit(fn, *call, iters=args.iters)
+          except Exception as e:  # noqa: BLE001 - record the failure and go on with the sweep
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            continue
+          row["ms"] = round(ms, 4)
+          row["tflops"] = round(flops * (1 if pas == "fwd" else 3.5) / ms / 1e9, 1)
+          if impl.startswith("cudnn"):
+            cudnn_ms[(name, pas)] = ms
+          rows.append(row)
+      if mg is not None and "fwd" in args.passes:
+        row = dict(
+          meta,
+          impl="jax_mosaic_gpu_fp16",
+          layout=name,
+          S=s,
+          pass_="fwd",
+          density=round(case.density, 4),
+        )
+        try:
+          q16, k16, v16 = (x.astype(jnp.float16) for x in (q, k, v))
+          fn = jax.jit(mg)
+          if ref is not None:
+            row["rel_err"] = rel_err(fn(q16, k16, v16), ref[0])
+          ms = timeit(fn, q16, k16, v16, iters=args.iters)
+          row["ms"], row["tflops"] = round(ms, 4), round(flops / ms / 1e9, 1)
+        except Exception as e:  # noqa: BLE001
+          row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+    # Ratio to cuDNN causal (the target of DESIGN.md section 5) for every row of this S.
+    for row in rows:
+      if row["S"] == s and "ms" in row and ("causal", row["pass_"]) in cudnn_ms:
+        c_tflops = 4 * b * n * s * s * h * 0.5 * (1 if row["pass_"] == "fwd" else 3.5)
+        c_tflops /= cudnn_ms[("causal", row["pass_"])] * 1e9
+        row["ratio_cudnn_causal"] = round(row["tflops"] / c_tflops, 3)
+    if args.out:  # per S, so a sweep cut short keeps what it measured
+      with open(args.out, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows if r["S"] == s)
+    print(f"done S={s}", file=sys.stderr, flush=True)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument("--seq", default="4096,16384,65536,131072")
+  ap.add_argument("--layouts", default=",".join(LAYOUTS))
+  ap.add_argument("--passes", default="fwd,fwd_bwd")
+  ap.add_argument("--impls", default="", help="comma list of implementations (default: all)")
+  ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--head_dim", type=int, default=128)
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--check_max", type=int, default=4096, help="dense reference check up to this S")
+  ap.add_argument(
+    "--dense_mask_max", type=int, default=16384, help="cuDNN with a dense mask up to this S"
+  )
+  ap.add_argument(
+    "--xla_max", type=int, default=4096, help="XLA (materialised logits) up to this S"
+  )
+  ap.add_argument(
+    "--block_sizes", default="", help='JSON of BlockSizes fields, e.g. {"block_q": 128}'
+  )
+  ap.add_argument("--out", default="", help="append JSON lines here (after each S)")
+  args = ap.parse_args(argv)
+  args.seq = [int(x) for x in args.seq.split(",")]
+  args.layouts = args.layouts.split(",")
+  args.passes = args.passes.split(",")
+  args.impls = [x for x in args.impls.split(",") if x]
+  for p in args.passes:
+    if p not in ("fwd", "fwd_bwd"):
+      raise ValueError(f"--passes entry {p!r} must be fwd or fwd_bwd")
+
+  rows = bench(args)
+  print(
+    f"{'impl':22s} {'layout':9s} {'S':>7s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'x cuDNN':>8s}"
+    f" {'err':>8s}"
+  )
+  for r in rows:
+    print(
+      f"{r['impl']:22s} {r['layout']:9s} {r['S']:7d} {r['pass_']:8s} "
+      f"{r.get('ms', float('nan')):9.3f} "
+      f"{r.get('tflops', float('nan')):8.1f} {r.get('ratio_cudnn_causal', float('nan')):8.3f} "
+      f"{r.get('rel_err', float('nan')):8.1e}{'  ' + r['error'] if 'error' in r else ''}"
+    )
+  print("\n".join(json.dumps(r) for r in rows))
+
+
+if __name__ == "__main__":
+  main()
