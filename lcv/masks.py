@@ -178,4 +178,4 @@ def density(lo, hi, k_idx) -> jax.Array:
   n_le = jax.vmap(lambda keys, x: jnp.searchsorted(keys, x, side="right"))
   count = jnp.maximum(n_le(k, jnp.asarray(hi)) - n_le(k, jnp.asarray(lo) - 1), 0)
   # Sum in float32: the pair count overflows int32 from S = 64K on.
-  return jnp.sum(count.astype(jnp.float32), axis=-1) / (lo.shape[1] * k.shape[1])
+  return jnp.sum(count.astype(jnp.float32), axis=-1) / float(lo.shape[1] * k.shape[1])
