@@ -467,7 +467,13 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training run (`lcv.train.loop`): steps, accumulation, loss, logging, checkpoints."""
+  """The training run (`lcv.train.loop`): steps, accumulation, loss, logging, checkpoints.
+
+  grad_accum: micro-batches per optimizer step (rows per micro-batch = batch_size / grad_accum).
+  z_loss: coefficient of the PaLM z-loss. checkpoint_every: steps between saves (0: only at the
+  end and on SIGTERM); keep_checkpoints: newest kept. profile_steps: (start, stop) steps of a
+  profiler trace written to <workdir>/profile; (0, 0) for none.
+  """
 
   steps: int = 200
   grad_accum: int = 1

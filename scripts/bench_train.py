@@ -1,0 +1,172 @@
+"""Training-step benchmark of a ~1B VLM at long context on one accelerator: tokens/s and MFU.
+
+    python scripts/bench_train.py                       # Qwen2-1.5B-shaped LLM + CLIP-L/14 tower
+    python scripts/bench_train.py --seq 32768 --llm qwen2-0.5b --out benchmarks/results/train.jsonl
+    python scripts/bench_train.py --smoke               # tiny sizes on CPU, checks the plumbing
+
+Each row is one packed sequence of S tokens, mostly video (frames of 144 tokens: CLIP-L/14 at
+336 px, 2 x 2 average-pooled as in LongVA) plus a caption, with the frame-block-causal mask and V2PE
+positions. The vision tower is frozen (the long-context stage trains the projector and the LLM, as
+LongVA / LWM do), so it costs its forward pass only and MFU counts it that way. Model FLOPs count
+attention by the mask's real density (`lcv.train.flops`). Prints a table, then one JSON line per
+sequence length (also appended to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def configs(llm: str, seq_len: int, smoke: bool):
+  from lcv.config import (
+    DataConfig,
+    DecoderConfig,
+    MeshConfig,
+    OptimizerConfig,
+    ProjectorConfig,
+    TrainConfig,
+    VisionConfig,
+    VLMConfig,
+  )
+
+  if smoke:
+    vision = VisionConfig.variant("tiny", patch=7, class_token=False)
+    decoder = DecoderConfig.variant("tiny", remat="full")
+    projector = ProjectorConfig(in_dim=vision.width, out_dim=decoder.embed_dim)
+  else:
+    vision = VisionConfig.variant("clip_l14_336", dtype="bfloat16", frame_chunk=32)
+    base = DecoderConfig.variant(llm)
+    decoder = dataclasses.replace(base, remat="full", dtype="bfloat16")
+    projector = ProjectorConfig(
+      in_dim=vision.width, out_dim=decoder.embed_dim, pool=2, dtype="bfloat16"
+    )
+  rope = dataclasses.replace(decoder.rope, positions="v2pe", v2pe_random=True)
+  model = VLMConfig(
+    decoder=dataclasses.replace(decoder, rope=rope),
+    vision=vision,
+    projector=projector,
+    frame_bidirectional=True,
+  )
+  # One sample per row: as many frames as fit next to ~100 caption tokens.
+  frames = max((seq_len - 128) // model.frame_tokens, 1)
+  data = DataConfig(
+    seq_len=seq_len,
+    batch_size=1,
+    image_size=vision.image_size,
+    max_frames=frames,
+    frames_per_row=frames,
+    synthetic_frames=(frames, frames),
+    synthetic_kinds=("colour", "object"),  # short questions: the row is nearly all video
+    prefetch=0,
+  )
+  optimizer = OptimizerConfig(lr=1e-5, warmup_steps=0, groups=((r"^vision/", 0.0),))
+  train = TrainConfig(steps=1000, data=data, optimizer=optimizer)
+  return model, train, MeshConfig(data=1, fsdp=-1)
+
+
+def bench(llm: str, seq_len: int, steps: int, smoke: bool) -> dict:
+  import jax
+  import numpy as np
+
+  from lcv.data import feeding, pipeline
+  from lcv.models import decoder as decoder_lib
+  from lcv.parallel import mesh as mesh_lib
+  from lcv.train import flops as flops_lib
+  from lcv.train import state as state_lib
+  from lcv.train import step as step_lib
+  from lcv.train import task as task_lib
+
+  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke)
+  mesh = mesh_lib.make_mesh(mesh_cfg)
+  task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg)
+  setup = state_lib.setup(task.model_fn, train_cfg.optimizer, train_cfg.steps, mesh, task.rules)
+  state = state_lib.create(task.model_fn, setup)
+  n_params = state_lib.num_params(state)
+  fn = step_lib.make_train_step(
+    setup.graphdef, setup.tx, task.loss_fn, schedules=setup.schedules, frozen=setup.frozen
+  )
+  with state_lib.scope(mesh, task.rules):
+    jitted = step_lib.jit_train_step(fn, setup)
+    # One host batch, reused: this times the step, not the host-side data generation.
+    data = pipeline.Pipeline(train_cfg.data, task.tokens_per_frame)
+    host = next(data)
+    data.close()
+    batch = feeding.to_device(task.inputs_fn(host), mesh, [0], 1)
+    t0 = time.perf_counter()
+    state, m = jitted(state, batch)
+    loss0 = float(m["loss"])
+    compile_s = time.perf_counter() - t0
+    state, m = jitted(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = jitted(state, batch)
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t0) / steps
+  device = jax.devices()[0]
+  flops = task.flops_fn(host)
+  mfu = flops_lib.mfu(flops, step_s, device.device_kind, jax.device_count())
+  stats = device.memory_stats() or {}
+  density = flops_lib.attended_pairs(*(np.asarray(x) for x in batch["mask"])) / seq_len**2
+  return {
+    "bench": "train_step",
+    "device": device.device_kind,
+    "devices": jax.device_count(),
+    "llm": "tiny" if smoke else llm,
+    "vision": "tiny" if smoke else "clip_l14_336 (frozen)",
+    "params": n_params,
+    "decoder_params": decoder_lib.param_count(model_cfg.decoder),
+    "seq_len": seq_len,
+    "frames": int(train_cfg.data.frames_per_row),
+    "mask_density": round(density, 4),
+    "step_s": step_s,
+    "compile_s": compile_s,
+    "tokens_per_s": seq_len / step_s,
+    "model_tflops_per_step": flops / 1e12,
+    "mfu": mfu,
+    "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
+    "loss": loss0,
+    "jax": jax.__version__,
+  }
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--seq", default=None, help="comma-separated S (default 8192,32768,131072)")
+  parser.add_argument(
+    "--llm", default="qwen2-1.5b", help="decoder variant: qwen2-0.5b | qwen2-1.5b"
+  )
+  parser.add_argument("--steps", type=int, default=5, help="timed steps after two warm-up steps")
+  parser.add_argument("--smoke", action="store_true", help="tiny model and sequences, for CPU")
+  parser.add_argument("--out", default=None, help="append JSON lines here")
+  args = parser.parse_args(argv)
+  sys.path.insert(0, ROOT)
+  default = "256,512" if args.smoke else "8192,32768,131072"
+  seqs = [int(s) for s in (args.seq or default).split(",")]
+  rows = [bench(args.llm, s, args.steps, args.smoke) for s in seqs]
+  print(f"{'S':>8} {'frames':>6} {'step s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6}")
+  for r in rows:
+    mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
+    print(
+      f"{r['seq_len']:>8} {r['frames']:>6} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+      f"{r['model_tflops_per_step']:>10.1f} {mfu:>6}"
+    )
+  for r in rows:
+    print(json.dumps(r))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "a") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")
+  return rows
+
+
+if __name__ == "__main__":
+  main()
