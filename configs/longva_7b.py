@@ -14,72 +14,23 @@ arg: comma-separated knobs, e.g. "seq_len=229376,context=8,positions=v2pe".
 
 from __future__ import annotations
 
-from lcv.config import (
-  DataConfig,
-  DecoderConfig,
-  MeshConfig,
-  OptimizerConfig,
-  ProjectorConfig,
-  RopeConfig,
-  RunConfig,
-  TrainConfig,
-  VisionConfig,
-  VLMConfig,
-)
+from importlib import util
+from pathlib import Path
 
-# LongVA's multimodal fine-tune runs at model_max_length 32768 (longva/scripts/finetune.sh).
-KNOBS = dict(
-  steps=1000,
-  seq_len=32_768,
-  batch=1,
-  positions="1d",
-  frame_bidirectional=False,
-  remat="full",
-  context=1,
-)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+from lcv.config import RunConfig
 
+# Configs are loaded by path, not imported as a package; so is the part they share.
+_spec = util.spec_from_file_location("lcv_configs_common", Path(__file__).with_name("common.py"))
+common = util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
-def parse(arg: str | None) -> dict:
-  """KNOBS updated from "key=value,..." (values take the type of the default)."""
-  knobs = dict(KNOBS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in knobs:
-      raise ValueError(f"unknown knob {key!r} in {arg!r}; known: {sorted(knobs)}")
-    kind = type(knobs[key])
-    knobs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-  return knobs
+# steps, seq_len, batch, positions, frame_bidirectional, remat, context: LongVA's multimodal
+# fine-tune runs at model_max_length 32768 (longva/scripts/finetune.sh).
+KNOBS = dict(common.CLIP_VLM_KNOBS)
 
 
 def get_config(arg: str | None = None) -> RunConfig:
-  k = parse(arg)
-  rope = RopeConfig(theta=1e9, positions=k["positions"], v2pe_random=k["positions"] == "v2pe")
-  decoder = DecoderConfig.variant(
-    "qwen2-7b",
-    rope=rope,
-    remat=k["remat"],
-    attention_impl="ring" if k["context"] > 1 else "auto",
+  k = common.parse_knobs(arg, KNOBS)
+  return common.clip_vlm_run(
+    "qwen2-7b", k, theta=1e9, max_frames=128, optimizer=common.LONGVA_OPTIMIZER
   )
-  vision = VisionConfig.variant("clip_l14_336", dtype="bfloat16")
-  projector = ProjectorConfig(
-    in_dim=vision.width, out_dim=decoder.embed_dim, pool=2, dtype="bfloat16"
-  )
-  model = VLMConfig(
-    decoder=decoder,
-    vision=vision,
-    projector=projector,
-    frame_bidirectional=k["frame_bidirectional"],
-  )
-  data = DataConfig(
-    seq_len=k["seq_len"],
-    batch_size=k["batch"],
-    image_size=vision.image_size,
-    max_frames=128,
-    pixel_mean=CLIP_MEAN,
-    pixel_std=CLIP_STD,
-  )
-  # LongVA finetune.sh: lr 1e-5, vision tower 2e-6 (multiplier 0.2).
-  optimizer = OptimizerConfig(lr=1e-5, warmup_steps=30, groups=((r"^vision/", 0.2),))
-  train = TrainConfig(steps=k["steps"], data=data, optimizer=optimizer)
-  return RunConfig(model=model, mesh=MeshConfig(fsdp=-1, context=k["context"]), train=train)
