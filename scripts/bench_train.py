@@ -24,7 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def configs(llm: str, seq_len: int, smoke: bool):
+def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full"):
   from lcv.config import (
     DataConfig,
     DecoderConfig,
@@ -38,12 +38,12 @@ def configs(llm: str, seq_len: int, smoke: bool):
 
   if smoke:
     vision = VisionConfig.variant("tiny", patch=7, class_token=False)
-    decoder = DecoderConfig.variant("tiny", remat="full")
+    decoder = DecoderConfig.variant("tiny", remat=remat)
     projector = ProjectorConfig(in_dim=vision.width, out_dim=decoder.embed_dim)
   else:
     vision = VisionConfig.variant("clip_l14_336", dtype="bfloat16", frame_chunk=32)
     base = DecoderConfig.variant(llm)
-    decoder = dataclasses.replace(base, remat="full", dtype="bfloat16")
+    decoder = dataclasses.replace(base, remat=remat, dtype="bfloat16")
     projector = ProjectorConfig(
       in_dim=vision.width, out_dim=decoder.embed_dim, pool=2, dtype="bfloat16"
     )
@@ -71,7 +71,7 @@ def configs(llm: str, seq_len: int, smoke: bool):
   return model, train, MeshConfig(data=1, fsdp=-1)
 
 
-def bench(llm: str, seq_len: int, steps: int, smoke: bool) -> dict:
+def bench(llm: str, seq_len: int, steps: int, smoke: bool, remat: str = "full") -> dict:
   import jax
   import numpy as np
 
@@ -83,7 +83,7 @@ def bench(llm: str, seq_len: int, steps: int, smoke: bool) -> dict:
   from lcv.train import step as step_lib
   from lcv.train import task as task_lib
 
-  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke)
+  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke, remat)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg)
   setup = state_lib.setup(task.model_fn, train_cfg.optimizer, train_cfg.steps, mesh, task.rules)
@@ -133,6 +133,7 @@ def bench(llm: str, seq_len: int, steps: int, smoke: bool) -> dict:
     "mfu": mfu,
     "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
     "loss": loss0,
+    "remat": remat,
     "jax": jax.__version__,
   }
 
@@ -145,12 +146,15 @@ def main(argv=None):
   )
   parser.add_argument("--steps", type=int, default=5, help="timed steps after two warm-up steps")
   parser.add_argument("--smoke", action="store_true", help="tiny model and sequences, for CPU")
+  parser.add_argument(
+    "--remat", default="full", choices=("none", "full", "dots_saveable", "offload"), help="policy"
+  )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   args = parser.parse_args(argv)
   sys.path.insert(0, ROOT)
   default = "256,512" if args.smoke else "8192,32768,131072"
   seqs = [int(s) for s in (args.seq or default).split(",")]
-  rows = [bench(args.llm, s, args.steps, args.smoke) for s in seqs]
+  rows = [bench(args.llm, s, args.steps, args.smoke, args.remat) for s in seqs]
   print(f"{'S':>8} {'frames':>6} {'step s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6}")
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
