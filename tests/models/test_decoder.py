@@ -11,11 +11,9 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-pytest.importorskip("lcv.attention")
-
-from lcv import masks, positions  # noqa: E402
-from lcv.config import DecoderConfig  # noqa: E402
-from lcv.models import decoder  # noqa: E402
+from lcv import masks, positions
+from lcv.config import DecoderConfig
+from lcv.models import decoder
 
 B, S = 2, 16
 
@@ -106,7 +104,8 @@ def test_sharded_equals_unsharded():
   mask2 = masks.TokenMask(*(jnp.concatenate([m] * 2) for m in mask))
   expected = _run(_model(cfg), x, pos2, mask2)
 
-  rules = pytest.importorskip("lcv.parallel.rules")
+  from lcv.parallel import rules
+
   devices = np.array(jax.devices()[:8]).reshape(1, 4, 1, 2)
   mesh = Mesh(devices, ("data", "fsdp", "context", "tensor"), axis_types=(AxisType.Auto,) * 4)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.RULES):

@@ -7,12 +7,10 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-pytest.importorskip("lcv.attention")
-
-from lcv import layout as lay  # noqa: E402
-from lcv.config import DecoderConfig, RopeConfig, VLMConfig  # noqa: E402
-from lcv.models import generate as gen  # noqa: E402
-from lcv.models import vlm  # noqa: E402
+from lcv import layout as lay
+from lcv.config import DecoderConfig, RopeConfig, VLMConfig
+from lcv.models import generate as gen
+from lcv.models import vlm
 
 N_NEW = 4
 
@@ -130,7 +128,8 @@ def test_bad_generation_inputs_raise():
 
 def test_sequence_sharded_cache_equals_unsharded():
   """With the "length" rule splitting the cache over 4 devices, decoding gives the same logits."""
-  rules = pytest.importorskip("lcv.parallel.rules")
+  from lcv.parallel import rules
+
   cfg, model, layout, tokens, embeds = _setup()
   batch = vlm.prepare_inputs(layout, tokens, cfg) | {"visual_embeds": embeds}
   want = gen.generate(model, batch, max_new_tokens=3, return_logits=True)

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-pytest.importorskip("lcv.attention")
-
-from lcv import layout as lay  # noqa: E402
-from lcv import masks, positions  # noqa: E402
-from lcv.config import (  # noqa: E402
+from lcv import layout as lay
+from lcv import masks, positions
+from lcv.config import (
   DecoderConfig,
   ProjectorConfig,
   RopeConfig,
   VisionConfig,
   VLMConfig,
 )
-from lcv.models import loss, vlm  # noqa: E402
+from lcv.models import loss, vlm
 
 SEQ = 24
 
