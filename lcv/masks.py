@@ -86,7 +86,8 @@ def intervals(segment_ids, frame_ids, frame_bidirectional: bool = True):
     # A frame ends where the next token has another (segment, frame) pair; hi is the reverse
     # running min of run ends.
     run_end = jnp.concatenate(
-      [(frame[:, 1:] != frame[:, :-1]) | (seg[:, 1:] != seg[:, :-1]), jnp.ones((b, 1), bool)], axis=1
+      [(frame[:, 1:] != frame[:, :-1]) | (seg[:, 1:] != seg[:, :-1]), jnp.ones((b, 1), bool)],
+      axis=1,
     )
     end = jax.lax.cummin(jnp.where(run_end, idx, s), axis=1, reverse=True)
     hi = jnp.where(frame >= 0, end, idx)
