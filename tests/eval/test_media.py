@@ -75,3 +75,23 @@ def test_heatmap_table_and_ticks(tmp_path):
   assert [plots.thousands(x) for x in (200, 1200, 3000)] == ["200", "1.2K", "3.0K"]
   plots.heatmap(records, str(tmp_path / "h.png"))
   assert Image.open(tmp_path / "h.png").size == (1750, 800)
+
+
+def test_video_haystack_is_sampled_at_one_fps(tmp_path):
+  """A 4 fps clip whose frames encode their own index: 1 fps keeps frames 0, 4, 8, ..."""
+  av = pytest.importorskip("av")  # the `data` extra
+  path = str(tmp_path / "clip.mp4")
+  with av.open(path, mode="w") as out:
+    stream = out.add_stream("mpeg4", rate=4)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    for k in range(20):
+      img = np.full((32, 32, 3), 10 * k, np.uint8)  # frame k is flat grey 10k
+      for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  frames = haystack.video_frames(path, max_frames=4, fps=1.0)
+  assert frames.shape == (4, 32, 32, 3)
+  np.testing.assert_allclose(frames.mean(axis=(1, 2, 3)), [0, 40, 80, 120], atol=4)
+  assert haystack.load_haystack(path, 3).shape[0] == 3
