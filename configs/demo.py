@@ -1,0 +1,120 @@
+"""The flagship demo: long-context transfer at small scale (scripts/demo.py).
+
+A small VLM is trained from scratch on short synthetic videos (<= `seq_len` tokens): haystack
+frames of dark colour noise with a dim grey square, one needle frame inserted at a random place (a
+large coloured digit on a white card), and the question "what digit is on the white card?".
+Positions are V2PE with a random stride per video, the mask frame-block-causal, and attention is
+ring attention over the `context` axis of 8 emulated CPU devices. V-NIAH (`lcv.eval.vniah`) then
+asks the same question with the needle at several depths of haystacks `eval_scales` times longer
+than any training video, on haystack frames never seen in training.
+
+    python scripts/demo.py                                  # CPU, 8 emulated devices
+    python scripts/demo.py --config configs/demo.py:positions=1d,frame_bidirectional=false
+
+arg: comma-separated knobs, e.g. "preset=gpu", "steps=200,positions=tad".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lcv.config import (
+  DecoderConfig,
+  MeshConfig,
+  OptimizerConfig,
+  ProjectorConfig,
+  RopeConfig,
+  VisionConfig,
+  VLMConfig,
+)
+
+KNOBS = dict(
+  preset="cpu", steps=0, positions="v2pe", frame_bidirectional=True, context=8, batch=0, seed=0
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+  """The demo run.
+
+  model, mesh, optimizer: as everywhere (`lcv.config`).
+  steps, batch, seq_len: training steps, rows per step, tokens per row (S).
+  min_frames: fewest haystack frames of a training video (the most fill `seq_len`).
+  curriculum: (start, end) fractions of training: before `start` videos hold the needle and
+    min_frames haystack frames (learn to read the needle), then the longest video grows until it
+    fills seq_len at `end` (learn to find it).
+  eval_scales: V-NIAH lengths as multiples of seq_len; depths: needle depths (0..1).
+  eval_delta: the fixed V2PE stride at evaluation (V2PE models only); 1/64 keeps a 64x longer
+    video inside the position range seen in training.
+  image_size: frame side in pixels (the tower's); digits: needle digits used in training (V-NIAH
+    uses `eval_digits`).
+  """
+
+  model: VLMConfig
+  mesh: MeshConfig
+  optimizer: OptimizerConfig
+  steps: int = 260
+  batch: int = 16
+  seq_len: int = 256
+  min_frames: int = 0
+  curriculum: tuple[float, float] = (0.3, 0.7)
+  eval_scales: tuple[int, ...] = (1, 4, 16, 64)
+  depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+  eval_delta: float = 1 / 64
+  image_size: int = 28
+  digits: str = "0123456789"
+  eval_digits: str = "23579"
+  seed: int = 0
+
+
+def parse(arg: str) -> dict:
+  knobs = dict(KNOBS)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in knobs:
+      raise ValueError(f"unknown knob {key!r} in {arg!r}; known: {sorted(knobs)}")
+    kind = type(knobs[key])
+    knobs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  if knobs["preset"] not in ("cpu", "gpu"):
+    raise ValueError(f"preset={knobs['preset']!r} must be 'cpu' or 'gpu'")
+  if knobs["positions"] not in ("1d", "v2pe", "tad"):
+    raise ValueError(f"positions={knobs['positions']!r} must be 1d, v2pe or tad")
+  return knobs
+
+
+def get_config(arg: str = "") -> Demo:
+  k = parse(arg)
+  gpu = k["preset"] == "gpu"
+  # 7 px patches: 16 per 28 px frame (a tower sequence the context axis divides), pooled 2 x 2
+  # to 4 tokens per frame in the LLM.
+  vision = VisionConfig.variant(
+    "tiny", patch=7, class_token=False, feature_layer=-1, width=64 if gpu else 32
+  )
+  rope = RopeConfig(
+    theta=1e4, positions=k["positions"], v2pe_random=k["positions"] == "v2pe", tad_gamma=1.0
+  )
+  decoder = DecoderConfig.variant(
+    "tiny",
+    rope=rope,
+    remat="none",
+    embed_dim=128 if gpu else 64,
+    mlp_dim=512 if gpu else 128,
+    num_layers=4 if gpu else 2,
+    attention_impl="ring" if k["context"] > 1 else "auto",
+  )
+  model = VLMConfig(
+    decoder=decoder,
+    vision=vision,
+    projector=ProjectorConfig(in_dim=vision.width, out_dim=decoder.embed_dim, pool=2),
+    frame_bidirectional=k["frame_bidirectional"],
+  )
+  steps = k["steps"] or (600 if gpu else 260)
+  return Demo(
+    model=model,
+    mesh=MeshConfig(data=1, fsdp=-1, context=k["context"]),
+    optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, end_lr_ratio=0.05),
+    steps=steps,
+    batch=k["batch"] or (32 if gpu else 16),
+    seq_len=512 if gpu else 256,
+    seed=k["seed"],
+  )
