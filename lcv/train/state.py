@@ -74,6 +74,32 @@ def _shardings(abstract, mesh):
   return jax.tree.map(one, abstract)
 
 
+def _like_params(tree, params, params_sh, mesh):
+  """Shardings for optimizer state: a leaf whose path ends with a parameter's path and has its
+  shape (Adam's mu / nu, ...) takes that parameter's sharding; counters and the rest replicate.
+
+  `jax.eval_shape` reports no shardings for the optimizer's zeros, and XLA does not propagate
+  them either (they do not depend on the parameters), so they are matched by path.
+  """
+  keyed = {
+    jax.tree_util.keystr(path): (x.shape, sh)
+    for (path, x), sh in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(params_sh), strict=True
+    )
+  }
+
+  def one(path, x):
+    name = jax.tree_util.keystr(path)
+    best = max(
+      (k for k, (shape, _) in keyed.items() if name.endswith(k) and shape == x.shape),
+      key=len,
+      default=None,
+    )
+    return keyed[best][1] if best is not None else NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def setup(
   model_fn: Callable[[], nnx.Module],
   opt_cfg: OptimizerConfig,
@@ -89,7 +115,16 @@ def setup(
     tx, schedules = optim.make(opt_cfg, steps, params)
     frozen = optim.frozen(params, opt_cfg)
     abstract = jax.eval_shape(lambda: _init(model_fn, tx, seed))
-  shardings = _shardings(abstract, mesh)
+  # The abstract *model* carries each parameter's NamedSharding (from its logical axes and the
+  # rules); `jax.eval_shape` of the whole init does not, so take them from the model.
+  _, _, rest = nnx.split(abstract_model, nnx.Param, ...)
+  params_sh = _shardings(params, mesh)
+  shardings = {
+    **_shardings(abstract, mesh),
+    "params": params_sh,
+    "rest": _shardings(rest, mesh),
+    "opt_state": _like_params(abstract["opt_state"], params, params_sh, mesh),
+  }
   abstract = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
   )
