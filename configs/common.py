@@ -8,6 +8,9 @@ not imported as a package, so they load this file by path too: it is not registe
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 from lcv.config import (
   DataConfig,
   DecoderConfig,
@@ -39,6 +42,15 @@ CLIP_VLM_KNOBS = dict(
 # LLaVA-1.6 / LongVA fine-tuning rates (longva/scripts/finetune.sh): 1e-5 for the LLM and
 # projector, 2e-6 (a 0.2 multiplier) for the vision tower.
 LONGVA_OPTIMIZER = OptimizerConfig(lr=1e-5, warmup_steps=30, groups=((r"^vision/", 0.2),))
+
+
+def load_sibling(name: str):
+  """configs/<name>.py as a module (configs are loaded by path, not imported as a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"lcv_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def parse_knobs(arg: str | None, defaults: dict) -> dict:

@@ -17,6 +17,8 @@ arg: comma-separated knobs, e.g. "preset=gpu", "steps=200,positions=tad".
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 from lcv.config import (
   DecoderConfig,
@@ -27,6 +29,12 @@ from lcv.config import (
   VisionConfig,
   VLMConfig,
 )
+
+_spec = importlib.util.spec_from_file_location(
+  "lcv_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 KNOBS = dict(
   preset="cpu", steps=0, positions="v2pe", frame_bidirectional=True, context=8, batch=0, seed=0
@@ -68,13 +76,7 @@ class Demo:
 
 
 def parse(arg: str) -> dict:
-  knobs = dict(KNOBS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in knobs:
-      raise ValueError(f"unknown knob {key!r} in {arg!r}; known: {sorted(knobs)}")
-    kind = type(knobs[key])
-    knobs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  knobs = common.parse_knobs(arg, KNOBS)
   if knobs["preset"] not in ("cpu", "gpu"):
     raise ValueError(f"preset={knobs['preset']!r} must be 'cpu' or 'gpu'")
   if knobs["positions"] not in ("1d", "v2pe", "tad"):

@@ -21,6 +21,13 @@ from lcv.config import (
 )
 from lcv.train.stages import Extension, Stage
 
+_spec = importlib.util.spec_from_file_location(
+  "lcv_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+
 SEQ_LEN = 224_000
 
 
@@ -29,11 +36,7 @@ def get_config(arg: str = "") -> Extension:
     raise ValueError(f"configs/extend_longva.py takes no argument; got {arg!r} (use --set)")
   # configs/longva_7b.py (Qwen2-7B decoder, CLIP L/14 tower pooled to 144 tokens per frame),
   # loaded by path; the stage sets theta 1e9, the length and the context size.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "longva_7b.py")
-  spec = importlib.util.spec_from_file_location("lcv_config_longva_7b", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  base = module.get_config("")
+  base = common.load_sibling("longva_7b").get_config("")
   opt = dataclasses.replace(base.train.optimizer, weight_decay=0.0, groups=((r"^vision/", 0.0),))
   base = dataclasses.replace(base, train=dataclasses.replace(base.train, optimizer=opt))
   stage = Stage("224k", SEQ_LEN, 1e9, 1000, 1e-5, 4 * SEQ_LEN, 8, warmup_steps=20)

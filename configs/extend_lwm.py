@@ -1,7 +1,8 @@
 """LWM's staged context extension (arXiv 2402.08268): 32K -> 128K -> 256K -> 512K -> 1M tokens.
 
     python scripts/extend_context.py --config configs/extend_lwm.py --workdir runs/lwm
-    python scripts/extend_context.py --config configs/extend_lwm.py:preset=tiny --workdir runs/ext_tiny
+    python scripts/extend_context.py --config configs/extend_lwm.py:preset=tiny \
+        --workdir runs/ext_tiny
 
 RoPE theta per stage is LWM's released one (1e6, 1e7, 1e7, 2.5e7, 5e7; the README table and
 scripts, notes: ring anchors section 2.9). The paper's "about 4M tokens per batch" is taken as
@@ -39,6 +40,12 @@ from lcv.config import (
 )
 from lcv.train.stages import V2PE_DELTAS, Extension, Stage
 
+_spec = importlib.util.spec_from_file_location(
+  "lcv_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
 KNOBS = dict(
   preset="7b", steps=0, positions="1d", frame_bidirectional=False, eval_points=4, depth_step=0.25
 )
@@ -54,13 +61,7 @@ LWM_STAGES = (
 
 
 def parse(arg: str) -> dict:
-  knobs = dict(KNOBS)
-  for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if key not in knobs:
-      raise ValueError(f"unknown knob {key!r} in {arg!r}; known: {sorted(knobs)}")
-    kind = type(knobs[key])
-    knobs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  knobs = common.parse_knobs(arg, KNOBS)
   if knobs["preset"] not in ("7b", "tiny"):
     raise ValueError(f"preset={knobs['preset']!r} must be '7b' or 'tiny'")
   return knobs
@@ -118,18 +119,9 @@ def tiny(k) -> Extension:
   )
 
 
-def _sibling(name: str):
-  """configs/<name>.py as a module (configs are loaded by path, not imported as a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"lcv_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def lwm_7b(k) -> Extension:
   # The LWM-7B-shaped VLM of configs/lwm_7b.py; stages set length, theta and context.
-  base = _sibling("lwm_7b").get_config(
+  base = common.load_sibling("lwm_7b").get_config(
     f"positions={k['positions']},frame_bidirectional={k['frame_bidirectional']}"
   )
   opt = dataclasses.replace(base.train.optimizer, weight_decay=0.0, groups=((r"^vision/", 0.0),))
