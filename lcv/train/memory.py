@@ -156,6 +156,13 @@ def estimate(
   # The embeddings in, the final hidden states and their gradient (float32 at the boundary).
   stream = tokens * dec.embed_dim * (2 * c_bytes + 4)
   working_b = tokens * working * c_bytes / axes["tensor"] + stream + update
+  if axes["context"] > 1:
+    # Ring attention's backward (lcv.parallel.ring_attention) holds the rotating K/V block and
+    # its float32 dK/dV accumulators twice (the block in hand and the one arriving), plus the
+    # float32 dQ accumulator and the merged output of the forward it recomputes.
+    kv = tokens * dec.num_kv_heads * dec.head_dim
+    q = tokens * dec.num_heads * dec.head_dim
+    working_b += (2 * kv * (2 * c_bytes + 2 * 4) + 2 * q * 4) / axes["tensor"]
 
   chunk = min(loss_chunk, data.seq_len)
   loss = 3 * rows * chunk * dec.vocab_size * 4 / axes["tensor"]
