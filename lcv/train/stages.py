@@ -34,16 +34,13 @@ import numpy as np
 from lcv.config import RopeScaling, RunConfig, TextNIAHConfig, VNIAHConfig
 from lcv.data import pipeline as pipeline_lib
 from lcv.data import tokenizer as tokenizer_lib
-from lcv.models import vlm as vlm_lib
-from lcv.parallel import context as context_lib
 from lcv.parallel import mesh as mesh_lib
 from lcv.train import checkpoint as checkpoint_lib
 from lcv.train import loop
 from lcv.train import state as state_lib
 from lcv.train import task as task_lib
 
-# V2PE's training set of strides {1, 1/2, ..., 1/256} (arXiv 2412.09616, section 3.2).
-V2PE_DELTAS = tuple(2.0**-k for k in range(9))
+V2PE_DELTAS = task_lib.V2PE_DELTAS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,36 +136,9 @@ def stage_config(base: RunConfig, stage: Stage) -> RunConfig:
   return RunConfig(model=dataclasses.replace(base.model, decoder=decoder), mesh=mesh, train=train)
 
 
-def _deltas_from(row_ids, num_items: int, seed: int, deltas) -> np.ndarray:
-  """float32[B, n_items] strides drawn from `deltas`, one generator per row identity (the
-  training task's scheme, `lcv.train.task`, with a stage-chosen set)."""
-  table = np.asarray(deltas, np.float32)
-  out = np.ones((len(row_ids), max(num_items, 1)), np.float32)
-  for r, (slot, first) in enumerate(np.asarray(row_ids)):
-    rng = np.random.default_rng([seed, int(slot), int(first)])
-    out[r] = table[rng.integers(0, len(table), out.shape[1])]
-  return out
-
-
 def make_task(cfg: RunConfig, stage: Stage) -> loop.Task:
   """The VLM task of a stage; with a V2PE stride set, the strides come from that set."""
-  task = task_lib.vlm_task(cfg.model, cfg.train, cfg.mesh)
-  deltas = stage.v2pe_deltas
-  if deltas is None or len(deltas) < 2:
-    return task
-  vlm_cfg, data, mesh = cfg.model, cfg.train.data, cfg.mesh
-
-  def inputs_fn(host: dict) -> dict:
-    lay = host["layout"]
-    delta = _deltas_from(host["row_id"], lay.num_items, data.seed, deltas)
-    batch = jax.tree.map(np.asarray, vlm_lib.prepare_inputs(lay, host["tokens"], vlm_cfg, delta))
-    batch["targets"], batch["weights"] = host["targets"], host["weights"]
-    if mesh.context > 1 and mesh.load_balance != "none":
-      batch = context_lib.to_order(batch, mesh.context, mesh.load_balance)
-    batch["pixels"] = host["frames"]
-    return batch
-
-  return dataclasses.replace(task, inputs_fn=inputs_fn)
+  return task_lib.vlm_task(cfg.model, cfg.train, cfg.mesh, v2pe_deltas=stage.v2pe_deltas)
 
 
 def seed_from_previous(prev_dir: str, stage_dir: str, cfg: RunConfig, task: loop.Task, mesh):

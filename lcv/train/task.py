@@ -36,12 +36,17 @@ from lcv.train import loop, optim
 _MEDIA = ("pixels", "visual_embeds")
 
 
-def _v2pe_deltas(row_ids, num_items: int, seed: int) -> np.ndarray:
-  """float32[B, n_items] strides from {1, 1/2, ..., 1/256}, one generator per row identity."""
+# V2PE's training set of strides {1, 1/2, ..., 1/256} (arXiv 2412.09616, section 3.2).
+V2PE_DELTAS = tuple(2.0**-k for k in range(9))
+
+
+def _v2pe_deltas(row_ids, num_items: int, seed: int, deltas=V2PE_DELTAS) -> np.ndarray:
+  """float32[B, n_items] strides drawn uniformly from `deltas`, one generator per row identity."""
+  table = np.asarray(deltas, np.float32)
   out = np.ones((len(row_ids), max(num_items, 1)), np.float32)
   for r, (slot, first) in enumerate(np.asarray(row_ids)):
-    k = np.random.default_rng([seed, int(slot), int(first)]).integers(0, 9, out.shape[1])
-    out[r] = np.exp2(-k.astype(np.float32))
+    rng = np.random.default_rng([seed, int(slot), int(first)])
+    out[r] = table[rng.integers(0, len(table), out.shape[1])]
   return out
 
 
@@ -73,17 +78,24 @@ def check(vlm_cfg: VLMConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig | Non
       )
 
 
-def make_inputs_fn(vlm_cfg: VLMConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig | None):
+def make_inputs_fn(
+  vlm_cfg: VLMConfig, train_cfg: TrainConfig, mesh_cfg: MeshConfig | None, v2pe_deltas=None
+):
+  """Host batch -> model inputs. V2PE strides are drawn per item from `v2pe_deltas` when it has
+  two or more values (a context-extension stage's set), else from `V2PE_DELTAS` when the model's
+  rope asks for random strides."""
   rope = vlm_cfg.decoder.rope
   data = train_cfg.data
   context = mesh_cfg.context if mesh_cfg is not None else 1
   balance = mesh_cfg.load_balance if mesh_cfg is not None else "none"
+  if v2pe_deltas is None or len(v2pe_deltas) < 2:
+    v2pe_deltas = V2PE_DELTAS if rope.positions == "v2pe" and rope.v2pe_random else None
 
   def inputs_fn(host: dict) -> dict:
     lay = host["layout"]
     delta = None
-    if rope.positions == "v2pe" and rope.v2pe_random:
-      delta = _v2pe_deltas(host["row_id"], lay.num_items, data.seed)
+    if v2pe_deltas is not None:
+      delta = _v2pe_deltas(host["row_id"], lay.num_items, data.seed, v2pe_deltas)
     batch = vlm_lib.prepare_inputs(lay, host["tokens"], vlm_cfg, v2pe_delta=delta)
     batch = jax.tree.map(np.asarray, batch)
     batch["targets"] = host["targets"]
@@ -166,14 +178,16 @@ def vlm_task(
   mesh_cfg: MeshConfig | None = None,
   *,
   loss_chunk: int = 2048,
+  v2pe_deltas=None,
 ) -> loop.Task:
-  """The `loop.Task` that trains `lcv.models.vlm.VLM(vlm_cfg)` on `train_cfg.data`."""
+  """The `loop.Task` that trains `lcv.models.vlm.VLM(vlm_cfg)` on `train_cfg.data`
+  (`v2pe_deltas`: see `make_inputs_fn`)."""
   check(vlm_cfg, train_cfg, mesh_cfg)
   seed = train_cfg.seed
   return loop.Task(
     model_fn=lambda: vlm_lib.VLM(vlm_cfg, rngs=nnx.Rngs(seed)),
     loss_fn=make_loss_fn(vlm_cfg, train_cfg, loss_chunk),
-    inputs_fn=make_inputs_fn(vlm_cfg, train_cfg, mesh_cfg),
+    inputs_fn=make_inputs_fn(vlm_cfg, train_cfg, mesh_cfg, v2pe_deltas),
     tokens_per_frame=vlm_cfg.frame_tokens,
     rules=rules_lib.RULES,
     flops_fn=make_flops_fn(vlm_cfg, tower_trainable=not _tower_frozen(train_cfg)),

@@ -14,6 +14,7 @@ from lcv.parallel import mesh as mesh_lib
 from lcv.train import checkpoint as checkpoint_lib
 from lcv.train import stages
 from lcv.train import state as state_lib
+from lcv.train import task as task_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,9 +58,9 @@ def test_bad_stages_are_clear_errors():
 
 def test_v2pe_strides_come_from_the_stage_set():
   rows = np.array([[0, 0], [1, 5], [2, 9]])
-  d = stages._deltas_from(rows, 6, 0, (1.0, 1 / 16))
+  d = task_lib._v2pe_deltas(rows, 6, 0, (1.0, 1 / 16))
   assert d.shape == (3, 6) and set(np.unique(d)) <= {1.0, 1 / 16}
-  np.testing.assert_array_equal(d, stages._deltas_from(rows, 6, 0, (1.0, 1 / 16)))
+  np.testing.assert_array_equal(d, task_lib._v2pe_deltas(rows, 6, 0, (1.0, 1 / 16)))
 
 
 def test_eval_grid_scales_with_the_stage():
