@@ -1,4 +1,4 @@
-"""Attention benchmark: lcv's Pallas kernel against cuDNN, JAX's Pallas ops and XLA, one process.
+"""Attention benchmark, one process: lcv's Pallas kernel vs cuDNN, JAX's Pallas ops, tokamax, XLA.
 
 Layouts (one [B, S] token description each, DESIGN.md section 2): `causal` (one text sample),
 `frame144` / `frame257` (one video sample, frame-block-causal with 144- / 257-token frames) and
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -125,6 +128,7 @@ def impls(case: Case, args, block_sizes):
     out["xla"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=dense, implementation="xla"
     )
+  out.update(tokamax_impls(case))
   return out
 
 
@@ -142,6 +146,71 @@ def mgpu_forward(case: Case):
     return None
 
 
+# tokamax (openxla/tokamax, the kernel library JAX's deprecated Pallas GPU ops point to).
+#
+# Its public `tokamax.dot_product_attention` takes only `is_causal` or a dense boolean mask (no
+# skipping), so the frame and packed layouts call its op objects with `base.Mask(k_start, k_end)`:
+# one half-open key range [k_start, k_end) per query row, which is exactly our interval
+# [lo, hi] (DESIGN.md section 2) and costs O(S) memory. Its forward skips key tiles outside the
+# range; its backward skips tiles only for plain `is_causal` and applies ranges elementwise (read
+# from pallas_mosaic_gpu_vjp.py in tokamax 0.0.17), so `causal` uses `is_causal=True`.
+# Residuals (m, l) in natural log exist (return_residuals=True) but its backward rejects them,
+# so like every other peer here it is timed on the output alone.
+
+TOKAMAX_IMPLS = {"tokamax_mosaic": "mosaic_gpu", "tokamax_triton": "triton"}
+
+
+@functools.cache
+def _tokamax():
+  """(attention ops by tokamax name, tokamax's Mask class, version), or None when tokamax does
+  not import here (the reason is printed once, and the sweep goes on without it)."""
+  if importlib.util.find_spec("tokamax") is None:
+    print("tokamax not installed: skipping its rows", file=sys.stderr)
+    return None
+  # tokamax/__init__ imports xprof.cli.tools.get_kernel_stats_tool eagerly (tokamax._src.
+  # benchmarking, used only by its xprof timing mode). The xprof wheel is 32 MB of profiler UI and
+  # native converters, too big to carry to an offline machine; when it is absent an empty module
+  # takes that one name. Nothing on the attention path touches it.
+  added = []
+  if importlib.util.find_spec("xprof") is None:
+    names = ("xprof", "xprof.cli", "xprof.cli.tools", "xprof.cli.tools.get_kernel_stats_tool")
+    for parent, name in zip((None, *names), names):
+      sys.modules[name] = types.ModuleType(name)
+      added.append(name)
+      if parent:
+        setattr(sys.modules[parent], name.rsplit(".", 1)[1], sys.modules[name])
+  try:
+    import tokamax
+    from tokamax._src.ops.attention import api, base
+  except Exception as e:  # noqa: BLE001 - e.g. a jax older than tokamax needs: skip, not fatal
+    for name in added:
+      sys.modules.pop(name, None)
+    print(f"tokamax unavailable: {type(e).__name__}: {e}", file=sys.stderr)
+    return None
+  return api.IMPLEMENTATIONS, base.Mask, tokamax.__version__
+
+
+def tokamax_mask(case: Case, mask_cls):
+  """tokamax mask keyword arguments of a layout: `is_causal` for `causal`; otherwise a Mask with
+  k_start = lo, k_end = hi + 1, int32[B, 1, T] (broadcast over heads)."""
+  if case.layout == "causal":
+    return {"is_causal": True}
+  return {"mask": mask_cls(k_start=case.lo[:, None, :], k_end=case.hi[:, None, :] + 1)}
+
+
+def tokamax_impls(case: Case):
+  """name -> attn(q, k, v) -> o for tokamax's GPU kernels (Mosaic GPU and Pallas Triton); empty
+  when tokamax does not import here. tokamax's "cudnn" and "xla" wrap jax.nn, measured above."""
+  found = _tokamax()
+  if found is None:
+    return {}
+  ops, mask_cls, _ = found
+  kwargs = tokamax_mask(case, mask_cls)
+  return {
+    name: functools.partial(ops[op], **kwargs) for name, op in TOKAMAX_IMPLS.items() if op in ops
+  }
+
+
 def _wanted(args, impl: str) -> bool:
   return not args.impls or impl in args.impls
 
@@ -152,6 +221,8 @@ def bench(args) -> list[dict]:
   rows = []
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "B": b, "N": n, "H": h}
   meta["lcv_block_sizes"] = dataclasses.asdict(bs or flash_gpu.BlockSizes())
+  if any(_wanted(args, i) for i in TOKAMAX_IMPLS) and (found := _tokamax()) is not None:
+    meta["tokamax"] = found[2]
   for s in args.seq:
     key = jax.random.split(jax.random.key(s), 4)
     q, k, v, do = (jax.random.normal(x, (b, s, n, h), dt) for x in key)
