@@ -4,7 +4,8 @@ A small VLM is trained from scratch on short synthetic videos (<= `seq_len` toke
 frames of dark colour noise with a dim grey square, one needle frame inserted at a random place (a
 large coloured digit on a white card), and the question "what digit is on the white card?".
 Positions are V2PE with a random stride per video, the mask frame-block-causal, and attention is
-ring attention over the `context` axis of 8 emulated CPU devices. V-NIAH (`lcv.eval.vniah`) then
+ring attention over the `context` axis of 8 emulated CPU devices (the gpu preset: one GPU, no
+ring). V-NIAH (`lcv.eval.vniah`) then
 asks the same question with the needle at several depths of haystacks `eval_scales` times longer
 than any training video, on haystack frames never seen in training.
 
@@ -37,7 +38,7 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 KNOBS = dict(
-  preset="cpu", steps=0, positions="v2pe", frame_bidirectional=True, context=8, batch=0, seed=0
+  preset="cpu", steps=0, positions="v2pe", frame_bidirectional=True, context=0, batch=0, seed=0
 )
 
 
@@ -87,6 +88,7 @@ def parse(arg: str) -> dict:
 def get_config(arg: str = "") -> Demo:
   k = parse(arg)
   gpu = k["preset"] == "gpu"
+  context = k["context"] or (1 if gpu else 8)  # one GPU; 8 emulated CPU devices
   # 7 px patches: 16 per 28 px frame (a tower sequence the context axis divides), pooled 2 x 2
   # to 4 tokens per frame in the LLM.
   vision = VisionConfig.variant(
@@ -102,7 +104,7 @@ def get_config(arg: str = "") -> Demo:
     embed_dim=128 if gpu else 64,
     mlp_dim=512 if gpu else 128,
     num_layers=4 if gpu else 2,
-    attention_impl="ring" if k["context"] > 1 else "auto",
+    attention_impl="ring" if context > 1 else "auto",
   )
   model = VLMConfig(
     decoder=decoder,
@@ -113,7 +115,7 @@ def get_config(arg: str = "") -> Demo:
   steps = k["steps"] or (600 if gpu else 260)
   return Demo(
     model=model,
-    mesh=MeshConfig(data=1, fsdp=-1, context=k["context"]),
+    mesh=MeshConfig(data=1, fsdp=-1, context=context),
     optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, end_lr_ratio=0.05),
     steps=steps,
     batch=k["batch"] or (32 if gpu else 16),

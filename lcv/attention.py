@@ -6,7 +6,9 @@ and what they support:
   xla          `lcv.kernels.blockwise`: plain jnp online softmax, any platform, returns lse.
   cudnn        `jax.nn.dot_product_attention(implementation="cudnn")`: GPU only, and only for
                masks that are plain causal with trailing padding (query/key lengths).
-  pallas_gpu   `lcv.kernels.flash_gpu` (interpret mode off GPU).
+  pallas_gpu   `lcv.kernels.gpu`: the Hopper Mosaic GPU kernels (`flash_hopper`) on sm_90 with
+               bf16/fp16 and head dim 64/128/256, else the portable `flash_gpu` (interpret mode
+               off GPU).
   pallas_tpu   `lcv.kernels.flash_tpu` (interpret mode off TPU).
   ring, ulysses, hybrid, all_gather
                `lcv.parallel.ring_attention.sequence_parallel_attention`: q/k/v are global arrays
@@ -55,10 +57,10 @@ def _xla(q, k, v, q_mask, kv_mask, *, scale, **kwargs):
 
 @register("pallas_gpu")
 def _pallas_gpu(q, k, v, q_mask, kv_mask, *, scale, **kwargs):
-  from lcv.kernels import flash_gpu
+  from lcv.kernels import gpu
 
   kwargs.setdefault("interpret", jax.default_backend() != "gpu")
-  return flash_gpu.attention(q, k, v, q_mask.lo, q_mask.hi, kv_mask.index, scale=scale, **kwargs)
+  return gpu.attention(q, k, v, q_mask.lo, q_mask.hi, kv_mask.index, scale=scale, **kwargs)
 
 
 @register("pallas_tpu")

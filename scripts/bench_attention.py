@@ -1,4 +1,4 @@
-"""Attention benchmark, one process: lcv's Pallas kernel vs cuDNN, JAX's Pallas ops, tokamax, XLA.
+"""Attention benchmark, one process: lcv (Hopper, portable) vs cuDNN, JAX Pallas, tokamax, XLA.
 
 Layouts (one [B, S] token description each, DESIGN.md section 2): `causal` (one text sample),
 `frame144` / `frame257` (one video sample, frame-block-causal with 144- / 257-token frames) and
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcv import masks
-from lcv.kernels import flash_gpu
+from lcv.kernels import flash_gpu, flash_hopper
 
 LAYOUTS = ("causal", "frame144", "frame257", "packed")
 
@@ -106,6 +106,8 @@ def impls(case: Case, args, block_sizes):
       q, k, v, lo, hi, kid, block_sizes=block_sizes
     )[0]
   }
+  if jax.default_backend() == "gpu":  # Mosaic GPU has no CPU lowering (sm_90 only)
+    out["lcv_hopper"] = lambda q, k, v: flash_hopper.attention(q, k, v, lo, hi, kid)[0]
   if case.layout == "causal":
     out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"

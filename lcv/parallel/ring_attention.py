@@ -45,7 +45,7 @@ from lcv.parallel import context, rules, ulysses
 STRATEGIES = ("ring", "ulysses", "hybrid", "all_gather")
 _BACKENDS = {
   "xla": "lcv.kernels.blockwise",
-  "pallas_gpu": "lcv.kernels.flash_gpu",
+  "pallas_gpu": "lcv.kernels.gpu",
   "pallas_tpu": "lcv.kernels.flash_tpu",
 }
 _NEG_INF = float("-inf")

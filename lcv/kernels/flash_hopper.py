@@ -1,0 +1,793 @@
+"""Hopper (sm_90) attention with interval masks: wgmma + TMA + warp specialization.
+
+The fast path of `lcv.kernels.flash_gpu` on H100 / H200, with the same contract (q [B, T, N, H],
+k/v [B, S, K, H], DESIGN.md section 2 intervals `q_lo <= k_idx <= q_hi`, lse natural-log float32
+[B, N, T], o = 0 and lse = -inf on rows with no key). The design is FlashAttention-3's
+(arXiv 2407.08608, section 3): one CTA holds 128 query rows as two *consumer* warpgroups of 64
+rows each plus one *producer* warpgroup that streams K/V tiles into a ring of shared-memory
+stages with the bulk tensor copy engine (TMA); the consumers run their matmuls as wgmma and take
+turns on the tensor cores (the "ping-pong" schedule barrier, section 3.1) so one warpgroup's
+softmax overlaps the other's matmuls.
+
+What lcv adds is the mask. Every CTA gets its key-tile range from `flash_gpu.tile_ranges`
+(computed once per call on the host side of the kernel, O(T/64 * S/bk) work): the producer loads
+only the tiles in the CTA's range, so skipped tiles cost no loads and no FLOPs; each consumer
+splits its own part of that range into boundary tiles (elementwise mask from the row intervals
+and the tile's key indices) and a run of full tiles (no mask arithmetic), as five loops with the
+mode fixed per loop. Tiles of the CTA range outside a warpgroup's own range are stepped over with
+the same barrier traffic but no math, so the two warpgroups stay in lockstep on the shared
+stages and the schedule barrier.
+
+The backward (FlashAttention-2 Alg. 2 split in two kernels, as in `flash_gpu`) follows the same
+scheme: the dQ kernel streams K/V tiles over a query tile's range, the dK/dV kernel streams
+(q, dO, lse, delta, lo, hi) tiles over a key tile's range and loops over the GQA group inside.
+
+Only bf16 / fp16 inputs and head dims 64 / 128 run here (`supported`); everything else goes to the
+portable kernel. On a CPU backend the kernels run in Mosaic GPU's interpreter (tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcv import masks
+from lcv.kernels import flash_gpu
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+_ROWS = 64  # query rows (forward, dQ) or key rows (dK/dV) of one consumer warpgroup
+_WGS = 2  # consumer warpgroups per CTA
+# Head dims compiled and checked on an H200. 256 is left to the portable kernel: its first
+# GPU test did not finish within its time limit (benchmarks/NOTES.md), cause not yet found.
+HEAD_DIMS = (64, 128)
+
+
+def supported(q, k) -> bool:
+  """Whether these operands can take the Hopper kernels (dtype, head dim, a sm_90 device)."""
+  if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] not in HEAD_DIMS:
+    return False
+  if jax.default_backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cc).startswith("9")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of one call (padded lengths, tiles) for the Mosaic GPU kernels."""
+
+  t: int
+  s: int
+  t_pad: int
+  s_pad: int
+  h: int
+  groups: int
+  bk: int  # key tile of the forward and dQ kernels
+  bq_dkv: int  # query tile of the dK/dV kernel
+  stages: int
+  scale: float
+  interpret: object
+
+
+def _plan(q, k, scale, interpret) -> _Plan:
+  _, t, n, h = q.shape
+  s = k.shape[1]
+  bk = 128 if h <= 128 else 64
+  rows = _ROWS * _WGS
+  tile = max(rows, bk)
+  if interpret is None and jax.default_backend() != "gpu":
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    interpret = InterpretGPUParams()
+  return _Plan(
+    t=t,
+    s=s,
+    t_pad=pl.cdiv(t, tile) * tile,
+    s_pad=pl.cdiv(s, tile) * tile,
+    h=h,
+    groups=n // k.shape[2],
+    bk=bk,
+    bq_dkv=64,
+    stages=2,
+    scale=float(h**-0.5 if scale is None else scale),
+    interpret=interpret or None,
+  )
+
+
+def _prepare(p: _Plan, q, k, v, q_lo, q_hi, k_idx):
+  pad = flash_gpu._pad_axis
+  q = pad(q, 1, p.t_pad)
+  k, v = pad(k, 1, p.s_pad), pad(v, 1, p.s_pad)
+  lo = pad(q_lo.astype(jnp.int32), 1, p.t_pad, 0)
+  hi = pad(q_hi.astype(jnp.int32), 1, p.t_pad, -1)
+  kid = pad(k_idx.astype(jnp.int32), 1, p.s_pad, masks.NO_KEY)
+  return q, k, v, lo, hi, kid
+
+
+def _cta_ranges(r):
+  """Per-warpgroup tile ranges [B, tiles, 4] -> per-CTA int32[B, tiles // 2, 10].
+
+  Row layout: (cta first, cta end, then (first, full first, full end, end) of warpgroup 0 and 1),
+  every warpgroup value clipped into the CTA range so the five loops of a consumer partition
+  exactly the tiles the producer loads; a warpgroup with no tiles gets an empty range.
+  """
+  b = r.shape[0]
+  r = r.reshape(b, -1, _WGS, 4)
+  empty = r[..., 0] >= r[..., 3]
+  big = jnp.iinfo(jnp.int32).max
+  c0 = jnp.min(jnp.where(empty, big, r[..., 0]), axis=-1)
+  c1 = jnp.max(jnp.where(empty, 0, r[..., 3]), axis=-1)
+  none = jnp.all(empty, axis=-1)
+  c0, c1 = jnp.where(none, 0, c0), jnp.where(none, 0, c1)
+  w = jnp.where(empty[..., None], c0[..., None, None], r)
+  w = jnp.clip(w, c0[..., None, None], c1[..., None, None])
+  return jnp.concatenate([c0[..., None], c1[..., None], w.reshape(b, -1, 8)], -1).astype(jnp.int32)
+
+
+def _vec(ref, axis: int, interpret):
+  """Load a smem vector laid out as one value per accumulator row (axis 1) or column (axis 0).
+
+  Mosaic GPU's interpreter has no layouts (and no `plgpu.load`): a plain read there.
+  """
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+def _zeros(shape, layout, interpret, fill=0.0):
+  """A float32 register array in a wgmma layout (plain array in the interpreter)."""
+  x = jnp.full(shape, fill, jnp.float32)
+  return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _mma(acc, a, b, interpret, during=None, trans_b=False):
+  """acc + a @ b (or a @ b.T) on the tensor cores: wgmma, float32 accumulator in registers.
+
+  a: register array or smem ref, b: smem ref. `during` runs after the wgmma is issued and before
+  its result is awaited (overlap with the next tile's barrier wait). Mosaic GPU's interpreter
+  supports neither transposed wgmma operands nor accumulator updates, so there the product is a
+  plain float32 dot of the same operands: the interpreter checks the pipeline (barriers, slots,
+  ranges, masks, softmax), the GPU tests check the wgmma forms.
+  """
+  if interpret:
+    av = a[...] if hasattr(a, "shape") and not isinstance(a, jax.Array) else a
+    bv = b[...].T if trans_b else b[...]
+    out = acc + jnp.dot(av.astype(jnp.float32), bv.astype(jnp.float32))
+    if during is not None:
+      during()
+    return out
+  b = plgpu.transpose_ref(b, (1, 0)) if trans_b else b
+
+  def body(ref):
+    plgpu.wgmma(ref, a, b)
+    if during is not None:
+      during()
+
+  return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+_PAIRED = True  # issue independent backward products together, one wait (tuning switch)
+
+
+def _mma2(acc1, a1, b1, acc2, a2, b2, interpret, trans_b=(False, False)):
+  """Two independent products issued back to back with a single wait (fewer pipeline drains)."""
+  if interpret or not _PAIRED:
+    return (
+      _mma(acc1, a1, b1, interpret, trans_b=trans_b[0]),
+      _mma(acc2, a2, b2, interpret, trans_b=trans_b[1]),
+    )
+  t = [plgpu.transpose_ref(b, (1, 0)) if tb else b for b, tb in zip((b1, b2), trans_b)]
+
+  def body(refs):
+    plgpu.wgmma(refs[0], a1, t[0])
+    plgpu.wgmma(refs[1], a2, t[1])
+
+  return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+
+
+def _bcast(x, shape, dim):
+  return lax.broadcast_in_dim(x, shape, [dim])
+
+
+def _tiled_smem(shape, dtype):
+  swizzle = 128 if shape[-1] * jnp.dtype(dtype).itemsize >= 128 else 64
+  return plgpu.SMEM(
+    shape,
+    dtype,
+    transforms=(
+      plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+      plgpu.SwizzleTransform(swizzle),
+    ),
+  )
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward.
+
+
+def _forward(p: _Plan, q, k, v, lo, hi, kid):
+  """Padded operands -> (o [B, T_pad, N, H], lse float32[B, N, T_pad])."""
+  b, _, n, h = q.shape
+  bq, bk, st, dtype = _ROWS, p.bk, p.stages, q.dtype
+  k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = _cta_ranges(k_range)
+  n_cta = p.t_pad // (bq * _WGS)
+  c = p.scale * _LOG2E
+
+  def kernel(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref, scoped):
+    (q_smem2, k_smem, v_smem, kid_smem, lo_smem2, hi_smem2, lse_smem2), bars = scoped
+    q_bars, lo_bars, hi_bars, k_bars, v_bars, kid_bars, k_free, v_free, sched = bars
+    bi = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    tile = n_cta - 1 - lax.axis_index("q_seq")  # longest (causal) rows first: a shorter tail
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+
+    def sched_sync():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg < _WGS)
+    def _consumer():
+      plgpu.set_max_registers(232 if h <= 128 else 240, action="increase")
+      q_smem, lo_smem, hi_smem, lse_smem = (
+        q_smem2.at[wg],
+        lo_smem2.at[wg],
+        hi_smem2.at[wg],
+        lse_smem2.at[wg],
+      )
+      row0 = tile * (bq * _WGS) + wg * bq
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, bq), head], q_smem, q_bars.at[wg])
+      plgpu.copy_gmem_to_smem(lo_ref.at[bi, pl.ds(row0, bq)], lo_smem, lo_bars.at[wg])
+      plgpu.copy_gmem_to_smem(hi_ref.at[bi, pl.ds(row0, bq)], hi_smem, hi_bars.at[wg])
+      for bar in (q_bars, lo_bars, hi_bars):
+        plgpu.barrier_wait(bar.at[wg])
+      row_lo, row_hi = _vec(lo_smem, 1, p.interpret), _vec(hi_smem, 1, p.interpret)
+      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+
+      row = plgpu.Layout.WGMMA.reduce(1)
+      acc = _zeros((bq, h), plgpu.Layout.WGMMA, p.interpret)
+      m = _zeros((bq,), row, p.interpret, -jnp.inf)
+      l = _zeros((bq,), row, p.interpret)
+
+      def wait_k(j):
+        slot = lax.rem(j - c0, st)
+        plgpu.barrier_wait(k_bars.at[slot])
+        plgpu.barrier_wait(kid_bars.at[slot])
+
+      @pl.when(c1 > c0)
+      def _():
+        wait_k(c0)
+
+      pl.when(wg == 1)(sched_sync)
+
+      def step(j, carry, mode):
+        acc, m, l = carry
+        slot = lax.rem(j - c0, st)
+        if mode == "skip":
+          sched_sync()
+          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(v_bars.at[slot])
+          plgpu.barrier_wait(sched)
+          plgpu.barrier_arrive(v_free.at[slot])
+
+          @pl.when(j + 1 < c1)
+          def _():
+            wait_k(j + 1)
+
+          return acc, m, l
+
+        zero = _zeros((bq, bk), plgpu.Layout.WGMMA, p.interpret)
+        s = _mma(zero, q_smem, k_smem.at[slot], p.interpret, sched_sync, trans_b=True) * c
+        if mode == "mask":
+          key = _bcast(_vec(kid_smem.at[slot], 0, p.interpret), (bq, bk), 1)
+          ok = (_bcast(row_lo, (bq, bk), 0) <= key) & (key <= _bcast(row_hi, (bq, bk), 0))
+          s = jnp.where(ok, s, -jnp.inf)
+        plgpu.barrier_arrive(k_free.at[slot])
+        m_new = jnp.maximum(m, s.max(axis=1))
+        if mode == "mask":  # a row with no key so far keeps m = -inf; exp2(-inf - 0) = 0
+          m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        else:
+          m_use = m_new
+        alpha = jnp.exp2(m - m_use)
+        pr = jnp.exp2(s - _bcast(m_use, s.shape, 0))
+        acc = acc * _bcast(alpha, acc.shape, 0)
+        l = l * alpha + pr.sum(axis=1)
+        p16 = pr.astype(dtype)
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        plgpu.barrier_arrive(sched)
+        plgpu.barrier_wait(v_bars.at[slot])
+        plgpu.barrier_wait(sched)
+
+        def prefetch_wait():
+          @pl.when(j + 1 < c1)
+          def _():
+            wait_k(j + 1)
+
+        acc = _mma(acc, p16, v_smem.at[slot], p.interpret, prefetch_wait)
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+      carry = (acc, m, l)
+      for a, z, mode in (
+        (c0, w[0], "skip"),
+        (w[0], w[1], "mask"),
+        (w[1], w[2], "full"),
+        (w[2], w[3], "mask"),
+        (w[3], c1, "skip"),
+      ):
+        carry = lax.fori_loop(a, z, functools.partial(step, mode=mode), carry)
+      acc, m, l = carry
+      pl.when(wg == 0)(sched_sync)
+
+      some = l > 0.0
+      inv = jnp.where(some, 1.0 / jnp.where(some, l, 1.0), 0.0)
+      q_smem[...] = (acc * _bcast(inv, acc.shape, 0)).astype(dtype)
+      lse_smem[...] = jnp.where(some, (m + jnp.log2(jnp.where(some, l, 1.0))) * _LN2, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[bi, pl.ds(row0, bq), head])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, head, pl.ds(row0, bq)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(head, jnp.int32(p.groups))
+
+      def load(j, slot):
+        rows = (bi, pl.ds(j * bk, bk), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(
+          kid_ref.at[bi, pl.ds(j * bk, bk)], kid_smem.at[slot], kid_bars.at[slot]
+        )
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
+
+      _produce(c0, c1, st, load, (k_free, v_free))
+
+  def entry(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref):
+    smem = (
+      _tiled_smem((_WGS, bq, h), dtype),
+      _tiled_smem((st, bk, h), dtype),
+      _tiled_smem((st, bk, h), dtype),
+      plgpu.SMEM((st, bk), jnp.int32),
+      plgpu.SMEM((_WGS, bq), jnp.int32),
+      plgpu.SMEM((_WGS, bq), jnp.int32),
+      plgpu.SMEM((_WGS, bq), jnp.float32),
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=_WGS),
+      plgpu.Barrier(num_barriers=_WGS),
+      plgpu.Barrier(num_barriers=_WGS),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
+      plgpu.Barrier(num_arrivals=_WGS),
+    )
+    pl.run_scoped(
+      lambda *scoped: kernel(
+        rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref, scoped
+      ),
+      smem,
+      bars,
+      collective_axes="wg",
+    )
+
+  return plgpu.kernel(
+    entry,
+    out_type=(
+      jax.ShapeDtypeStruct(q.shape, dtype),
+      jax.ShapeDtypeStruct((b, n, p.t_pad), jnp.float32),
+    ),
+    grid=(n, n_cta, b),
+    grid_names=("heads", "q_seq", "batch"),
+    num_threads=_WGS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=p.interpret,
+  )(ranges, q, k, v, lo, hi, kid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: dQ (K/V tiles streamed over a query tile's range) and dK/dV (query-side tiles streamed
+# over a key tile's range, for every head of the GQA group). delta = rowsum(dO * O) - dlse, lse2
+# the base-2 lse with +inf on empty rows (so P = 0 there), as in `flash_gpu`.
+
+
+def _dq(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+  """Padded operands -> dq [B, T_pad, N, H] (scaled)."""
+  b, _, n, h = q.shape
+  bq, bk, st, dtype = _ROWS, p.bk, p.stages, q.dtype
+  k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = _cta_ranges(k_range)
+  n_cta = p.t_pad // (bq * _WGS)
+  c = p.scale * _LOG2E
+
+  def kernel(
+    rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, dq_ref, scoped
+  ):
+    (q_smem2, do_smem2, f_smem, i_smem, k_smem, v_smem, kid_smem), bars = scoped
+    row_bars, k_bars, v_bars, kid_bars, k_free, v_free = bars
+    bi, head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile = n_cta - 1 - lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+
+    @pl.when(wg < _WGS)
+    def _consumer():
+      plgpu.set_max_registers(232 if h <= 128 else 240, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      lse_smem, dl_smem, lo_smem, hi_smem = (
+        f_smem.at[0, wg],
+        f_smem.at[1, wg],
+        i_smem.at[0, wg],
+        i_smem.at[1, wg],
+      )
+      row0 = tile * (bq * _WGS) + wg * bq
+      rows = pl.ds(row0, bq)
+      srcs = (
+        (q_ref.at[bi, rows, head], q_smem),
+        (do_ref.at[bi, rows, head], do_smem),
+        (lse_ref.at[bi, head, rows], lse_smem),
+        (dl_ref.at[bi, head, rows], dl_smem),
+        (lo_ref.at[bi, rows], lo_smem),
+        (hi_ref.at[bi, rows], hi_smem),
+      )
+      for i, (src, dst) in enumerate(srcs):
+        plgpu.copy_gmem_to_smem(src, dst, row_bars.at[i * _WGS + wg])
+      for i in range(len(srcs)):
+        plgpu.barrier_wait(row_bars.at[i * _WGS + wg])
+      lse_r, dl_r = _vec(lse_smem, 1, p.interpret), _vec(dl_smem, 1, p.interpret)
+      row_lo, row_hi = _vec(lo_smem, 1, p.interpret), _vec(hi_smem, 1, p.interpret)
+      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      dq = _zeros((bq, h), plgpu.Layout.WGMMA, p.interpret)
+      shape = (bq, bk)
+
+      def step(j, dq, mode):
+        slot = lax.rem(j - c0, st)
+        for bar in (k_bars, kid_bars, v_bars):
+          plgpu.barrier_wait(bar.at[slot])
+        if mode == "skip":
+          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_arrive(v_free.at[slot])
+          return dq
+        k_t = k_smem.at[slot]
+        zero = _zeros(shape, plgpu.Layout.WGMMA, p.interpret)
+        s, dp = _mma2(
+          zero, q_smem, k_t, zero, do_smem, v_smem.at[slot], p.interpret, trans_b=(True, True)
+        )
+        s = s * c
+        if mode == "mask":
+          key = _bcast(_vec(kid_smem.at[slot], 0, p.interpret), shape, 1)
+          ok = (_bcast(row_lo, shape, 0) <= key) & (key <= _bcast(row_hi, shape, 0))
+          s = jnp.where(ok, s, -jnp.inf)
+        pr = jnp.exp2(s - _bcast(lse_r, shape, 0))
+        plgpu.barrier_arrive(v_free.at[slot])
+        ds = pr * (dp - _bcast(dl_r, shape, 0))
+        dq = _mma(dq, ds.astype(dtype), k_t, p.interpret)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      for a, z, mode in (
+        (c0, w[0], "skip"),
+        (w[0], w[1], "mask"),
+        (w[1], w[2], "full"),
+        (w[2], w[3], "mask"),
+        (w[3], c1, "skip"),
+      ):
+        dq = lax.fori_loop(a, z, functools.partial(step, mode=mode), dq)
+      q_smem[...] = (dq * p.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_head = lax.div(head, jnp.int32(p.groups))
+
+      def load(j, slot):
+        rows = (bi, pl.ds(j * bk, bk), kv_head)
+        plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[slot], k_bars.at[slot])
+        plgpu.copy_gmem_to_smem(
+          kid_ref.at[bi, pl.ds(j * bk, bk)], kid_smem.at[slot], kid_bars.at[slot]
+        )
+        plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[slot], v_bars.at[slot])
+
+      _produce(c0, c1, st, load, (k_free, v_free))
+
+  def entry(*refs):
+    smem = (
+      _tiled_smem((_WGS, bq, h), dtype),
+      _tiled_smem((_WGS, bq, h), dtype),
+      plgpu.SMEM((2, _WGS, bq), jnp.float32),
+      plgpu.SMEM((2, _WGS, bq), jnp.int32),
+      _tiled_smem((st, bk, h), dtype),
+      _tiled_smem((st, bk, h), dtype),
+      plgpu.SMEM((st, bk), jnp.int32),
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=6 * _WGS),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
+    )
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
+
+  return plgpu.kernel(
+    entry,
+    out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+    grid=(n, n_cta, b),
+    grid_names=("heads", "q_seq", "batch"),
+    num_threads=_WGS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=p.interpret,
+  )(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+
+
+def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+  """Padded operands -> (dk, dv) [B, S_pad, K, H], summed over the GQA group (dk scaled)."""
+  b, _, n, h = q.shape
+  kh, g = k.shape[2], p.groups
+  bk, bq, st, dtype = _ROWS, p.bq_dkv, p.stages, q.dtype
+  _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = _cta_ranges(q_range)
+  n_cta = p.s_pad // (bk * _WGS)
+  c = p.scale * _LOG2E
+
+  def kernel(
+    rng_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    dl_ref,
+    lo_ref,
+    hi_ref,
+    kid_ref,
+    dk_ref,
+    dv_ref,
+    scoped,
+  ):
+    (k_smem2, v_smem2, kid_smem2, q_smem, do_smem, f_smem, i_smem), bars = scoped
+    kv_bars, q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars, q_free = bars
+    bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+    span = c1 - c0
+
+    @pl.when(wg < _WGS)
+    def _consumer():
+      plgpu.set_max_registers(232 if h <= 128 else 240, action="increase")
+      k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
+      row0 = tile * (bk * _WGS) + wg * bk
+      rows = pl.ds(row0, bk)
+      srcs = (
+        (k_ref.at[bi, rows, kv_head], k_smem),
+        (v_ref.at[bi, rows, kv_head], v_smem),
+        (kid_ref.at[bi, rows], kid_smem),
+      )
+      for i, (src, dst) in enumerate(srcs):
+        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i * _WGS + wg])
+      for i in range(len(srcs)):
+        plgpu.barrier_wait(kv_bars.at[i * _WGS + wg])
+      key = _vec(kid_smem, 1, p.interpret)
+      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      shape = (bk, bq)
+      wgmma = plgpu.Layout.WGMMA
+
+      def step(j, carry, mode, gi):
+        dk, dv = carry
+        slot = lax.rem(gi * span + j - c0, st)
+        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
+          plgpu.barrier_wait(bar.at[slot])
+        if mode == "skip":
+          plgpu.barrier_arrive(q_free.at[slot])
+          return dk, dv
+        q_t, do_t = q_smem.at[slot], do_smem.at[slot]
+        zero = _zeros(shape, wgmma, p.interpret)
+        st_ = _mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c  # S^T [keys, queries]
+        if mode == "mask":
+          kb = _bcast(key, shape, 0)
+          lo_c = _bcast(_vec(i_smem.at[0, slot], 0, p.interpret), shape, 1)
+          hi_c = _bcast(_vec(i_smem.at[1, slot], 0, p.interpret), shape, 1)
+          st_ = jnp.where((lo_c <= kb) & (kb <= hi_c), st_, -jnp.inf)
+        pt = jnp.exp2(st_ - _bcast(_vec(f_smem.at[0, slot], 0, p.interpret), shape, 1))
+        dv, dpt = _mma2(dv, pt.astype(dtype), do_t, zero, v_smem, do_t, p.interpret, (False, True))
+        dst = pt * (dpt - _bcast(_vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        dk = _mma(dk, dst.astype(dtype), q_t, p.interpret)
+        plgpu.barrier_arrive(q_free.at[slot])
+        return dk, dv
+
+      def head_loop(gi, carry):
+        for a, z, mode in (
+          (c0, w[0], "skip"),
+          (w[0], w[1], "mask"),
+          (w[1], w[2], "full"),
+          (w[2], w[3], "mask"),
+          (w[3], c1, "skip"),
+        ):
+          carry = lax.fori_loop(a, z, functools.partial(step, mode=mode, gi=gi), carry)
+        return carry
+
+      zeros = _zeros((bk, h), wgmma, p.interpret)
+      dk, dv = lax.fori_loop(0, g, head_loop, (zeros, zeros))
+      k_smem[...] = (dk * p.scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def load(t, slot):
+        gi = lax.div(t, jnp.maximum(span, 1))
+        j = c0 + t - gi * span
+        head = kv_head * g + gi
+        rows = pl.ds(j * bq, bq)
+        copies = (
+          (q_ref.at[bi, rows, head], q_smem.at[slot], q_bars),
+          (do_ref.at[bi, rows, head], do_smem.at[slot], do_bars),
+          (lse_ref.at[bi, head, rows], f_smem.at[0, slot], lse_bars),
+          (dl_ref.at[bi, head, rows], f_smem.at[1, slot], dl_bars),
+          (lo_ref.at[bi, rows], i_smem.at[0, slot], lo_bars),
+          (hi_ref.at[bi, rows], i_smem.at[1, slot], hi_bars),
+        )
+        for src, dst, bar in copies:
+          plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+      _produce(jnp.int32(0), span * g, st, load, (q_free,))
+
+  def entry(*refs):
+    smem = (
+      _tiled_smem((_WGS, bk, h), dtype),
+      _tiled_smem((_WGS, bk, h), dtype),
+      plgpu.SMEM((_WGS, bk), jnp.int32),
+      _tiled_smem((st, bq, h), dtype),
+      _tiled_smem((st, bq, h), dtype),
+      plgpu.SMEM((2, st, bq), jnp.float32),
+      plgpu.SMEM((2, st, bq), jnp.int32),
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=3 * _WGS),
+      *(plgpu.Barrier(num_barriers=st) for _ in range(6)),
+      plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
+    )
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
+
+  kv = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+    entry,
+    out_type=(kv, kv),
+    grid=(kh, n_cta, b),
+    grid_names=("heads", "kv_seq", "batch"),
+    num_threads=_WGS + 1,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=p.interpret,
+  )(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+
+
+def _produce(c0, c1, stages, load, free_bars):
+  """Producer warpgroup: tiles c0..c1-1 into a ring of `stages` slots, waiting for free slots."""
+  for i in range(stages):
+
+    @pl.when(c0 + i < c1)
+    def _(i=i):
+      load(c0 + i, i)
+
+  @pl.loop(c0 + stages, jnp.maximum(c1, c0 + stages))
+  def _(j):
+    slot = lax.rem(j - c0, stages)
+    for bar in free_bars:
+      plgpu.barrier_wait(bar.at[slot])
+    load(j, slot)
+
+  # Drain: wait for the consumers to free the last stages too, so every phase of every barrier
+  # is observed (the interpreter checks this) and no copy can target smem after the kernel ends.
+  for i in range(stages):
+    j = c1 - stages + i
+
+    @pl.when(j >= c0)
+    def _(j=j):
+      for bar in free_bars:
+        plgpu.barrier_wait(bar.at[lax.rem(j - c0, stages)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API: the contract of `flash_gpu` (docs/internals.md).
+
+
+def _check(q, k, v, q_lo, q_hi, k_idx) -> None:
+  flash_gpu._check(q, k, v, q_lo, q_hi, k_idx)
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"{q.dtype=} must be bfloat16 or float16 for the Hopper kernels")
+  if q.shape[-1] not in HEAD_DIMS:
+    raise ValueError(
+      f"head dim H={q.shape[-1]} must be one of {HEAD_DIMS} for the Hopper kernels (other head "
+      "dims run the portable kernel, lcv.kernels.flash_gpu)"
+    )
+
+
+def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
+  """Masked attention forward, no VJP; arguments and results as `flash_gpu.forward`."""
+  _check(q, k, v, q_lo, q_hi, k_idx)
+  p = _plan(q, k, scale, interpret)
+  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
+  return o[:, : p.t], lse[:, :, : p.t]
+
+
+def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32)
+  qp, kp, vp, lo, hi, kid = _prepare(p, q, k, v, q_lo, q_hi, k_idx)
+  pad = flash_gpu._pad_axis
+  dop = pad(do.astype(q.dtype), 1, p.t_pad)
+  lse2 = flash_gpu._lse2(pad(lse.astype(jnp.float32), 2, p.t_pad, -jnp.inf))
+  delta = pad(delta, 2, p.t_pad)
+  args = (qp, kp, vp, dop, lse2, delta, lo, hi, kid)
+  dq = _dq(p, *args)
+  dk, dv = _dkv(p, *args)
+  return dq[:, : p.t], dk[:, : p.s], dv[:, : p.s]
+
+
+def backward(q, k, v, o, lse, do, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
+  """Gradients from the row's final (o, lse); arguments and results as `flash_gpu.backward`."""
+  _check(q, k, v, q_lo, q_hi, k_idx)
+  p = _plan(q, k, scale, interpret)
+  return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _attention(q, k, v, q_lo, q_hi, k_idx, p):
+  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
+  return o[:, : p.t], lse[:, :, : p.t]
+
+
+def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, p):
+  o, lse = _attention(q, k, v, q_lo, q_hi, k_idx, p)
+  return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
+
+
+def _attention_bwd(p, res, cotangents):
+  q, k, v, o, lse, q_lo, q_hi, k_idx = res
+  do, dlse = cotangents
+  dq, dk, dv = _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
+  return dq, dk, dv, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
+  """Differentiable masked attention (custom VJP, lse cotangent too); as `flash_gpu.attention`."""
+  _check(q, k, v, q_lo, q_hi, k_idx)
+  p = _plan(q, k, scale, interpret)
+  return _attention(q, k, v, q_lo, q_hi, k_idx, p)
+
+
+def attention_reference(q, k, v, q_lo, q_hi, k_idx, *, scale=None):
+  """Dense float32 twin of `attention` (the same as `flash_gpu.attention_reference`)."""
+  return flash_gpu.attention_reference(q, k, v, q_lo, q_hi, k_idx, scale=scale)

@@ -1,0 +1,179 @@
+"""Hopper attention (`lcv.kernels.flash_hopper`, Mosaic GPU) against its dense twin.
+
+On CPU the kernels run in Mosaic GPU's interpreter (threads for the warpgroups, simulated
+barriers and bulk copies; matrix products as plain dots): that checks the pipeline protocol,
+the tile ranges, the masks and the softmax on small packed inputs. The `gpu`-marked tests run
+the compiled wgmma kernels on a Hopper GPU over packed layouts with 257-token frames, GQA, every
+supported head dim, zig-zag key chunks and odd lengths.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcv import masks
+from lcv.kernels import flash_gpu, flash_hopper
+from tests.kernels.test_flash_gpu import _layout
+
+TOL = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-6))
+
+
+def _inputs(rng, b, t, s, n, kh, h, dtype):
+  shapes = ((b, t, n, h), (b, s, kh, h), (b, s, kh, h), (b, t, n, h))
+  return [jnp.asarray(rng.normal(size=x), dtype) for x in shapes]
+
+
+def _check(q, k, v, do, lo, hi, kid, interpret=None):
+  """Forward (o, lse) and all three gradients (through o and lse) against the dense twin."""
+  tol = TOL[q.dtype.type]
+
+  def loss(f):
+    def run(q, k, v):
+      o, lse = f(q, k, v, lo, hi, kid)
+      finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+      return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + 0.1 * jnp.sum(finite)
+
+    return run
+
+  kern = lambda q, k, v, *m: flash_hopper.attention(q, k, v, *m, interpret=interpret)  # noqa: E731
+  o, lse = kern(q, k, v, lo, hi, kid)
+  ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
+  assert o.dtype == q.dtype and lse.dtype == jnp.float32
+  assert _rel(o, ro) < tol, _rel(o, ro)
+  lse, rlse = np.asarray(lse), np.asarray(rlse)
+  assert np.array_equal(np.isneginf(lse), np.isneginf(rlse))
+  fin = np.isfinite(rlse)
+  np.testing.assert_allclose(lse[fin], rlse[fin], atol=2e-2)
+  got = jax.grad(loss(kern), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(flash_hopper.attention_reference), argnums=(0, 1, 2))(q, k, v)
+  for name, g, w in zip("qkv", got, want):
+    assert g.dtype == q.dtype and not np.isnan(np.asarray(g, np.float32)).any(), name
+    assert _rel(g, w) < tol, (name, _rel(g, w))
+
+
+def test_cta_ranges_partition_the_cta_range():
+  """Each warpgroup's four bounds lie in its CTA's range and are ordered; empty warpgroups and
+  empty CTAs get empty ranges; the CTA range covers both warpgroups' tiles."""
+  r = jnp.asarray(
+    [[[0, 1, 3, 4], [2, 2, 5, 6], [7, 7, 7, 7], [1, 1, 2, 3], [9, 9, 9, 9], [9, 9, 9, 9]]],
+    jnp.int32,
+  )
+  out = np.asarray(flash_hopper._cta_ranges(r))[0]
+  np.testing.assert_array_equal(out[0], [0, 6, 0, 1, 3, 4, 2, 2, 5, 6])
+  np.testing.assert_array_equal(out[1], [1, 3, 1, 1, 1, 1, 1, 1, 2, 3])
+  np.testing.assert_array_equal(out[2, :2], [0, 0])
+  for row in out:
+    c0, c1 = row[:2]
+    for w in (row[2:6], row[6:10]):
+      assert c0 <= w[0] <= w[1] <= w[2] <= w[3] <= c1
+
+
+def test_interpreter_packed_gqa_padding():
+  """Two packed samples with frames, GQA 2:1, T and S not multiples of the tiles (padding), a
+  key range longer than the two smem stages: forward and gradients in the interpreter."""
+  rng = np.random.default_rng(0)
+  b, t, n, kh, h = 1, 200, 2, 1, 64
+  seg, fr = _layout(rng, b, t, 24, 2, 5)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, b, t, t, n, kh, h, jnp.bfloat16)
+  _check(q, k, v, do, lo, hi, masks.key_indices(b, t))
+
+
+def test_supported_and_errors():
+  q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
+  assert not flash_hopper.supported(q.astype(jnp.float32), q)
+  assert not flash_hopper.supported(jnp.zeros((1, 8, 2, 80), jnp.bfloat16), q)
+  if jax.default_backend() != "gpu":
+    assert not flash_hopper.supported(q, q)
+  lo = hi = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    x = q.astype(jnp.float32)
+    flash_hopper.forward(x, x, x, lo, hi, lo)
+  with pytest.raises(ValueError, match="portable kernel"):
+    x = jnp.zeros((1, 8, 2, 256), jnp.bfloat16)
+    flash_hopper.forward(x, x, x, lo, hi, lo)
+
+
+GPU_CASES = [
+  # (t, s, n, kh, h, frame, segments, pad, dtype)
+  (2048, 2048, 2, 2, 128, 1, 1, 0, jnp.bfloat16),  # causal text
+  (2048, 2048, 4, 2, 128, 257, 3, 100, jnp.bfloat16),  # packed video, GQA, padding
+  (1500, 1500, 2, 1, 64, 144, 2, 7, jnp.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+  "case", GPU_CASES, ids=lambda c: f"t{c[0]}-h{c[4]}-f{c[5]}-g{c[2] // c[3]}"
+)
+def test_gpu_matches_reference(case):
+  t, s, n, kh, h, frame, segs, pad, dtype = case
+  rng = np.random.default_rng(t + h)
+  seg, fr = _layout(rng, 1, t, frame, segs, pad)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, 1, t, s, n, kh, h, dtype)
+  _check(q, k, v, do, lo, hi, masks.key_indices(1, s))
+
+
+@pytest.mark.gpu
+def test_gpu_zigzag_chunks_and_empty_rows():
+  """A ring step's view: zig-zag key chunks (non-contiguous global indices) and rows that see
+  no key of the chunk (o = 0, lse = -inf), forward and backward per chunk."""
+  rng = np.random.default_rng(3)
+  t, n, h = 2048, 2, 128
+  seg, fr = _layout(rng, 1, t, 257, 2, 0)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, 1, t, t, n, n, h, jnp.bfloat16)
+  c = t // 4
+  idx = np.r_[c : 2 * c, 2 * c : 3 * c]  # the middle chunks: early rows see none of them
+  kid = jnp.asarray(idx[None], jnp.int32)
+  _check(q, k[:, idx], v[:, idx], do, lo, hi, kid)
+  o, lse = flash_hopper.forward(q, k[:, idx], v[:, idx], lo, hi, kid)
+  assert np.all(np.isneginf(np.asarray(lse)[:, :, :100]))
+  assert np.all(np.asarray(o, np.float32)[:, :100] == 0)
+
+
+@pytest.mark.gpu
+def test_gpu_same_as_portable_kernel():
+  """The Hopper and the portable kernel agree on a long causal row (the dispatch is invisible)."""
+  rng = np.random.default_rng(5)
+  t, n, h = 8192, 2, 128
+  seg, fr = _layout(rng, 1, t, 1, 1, 0)
+  lo, hi = masks.intervals(seg, fr)
+  kid = masks.key_indices(1, t)
+  q, k, v, _ = _inputs(rng, 1, t, t, n, n, h, jnp.bfloat16)
+  o1, l1 = flash_hopper.forward(q, k, v, lo, hi, kid)
+  o2, l2 = flash_gpu.forward(q, k, v, lo, hi, kid)
+  assert _rel(o1, o2) < 1e-2
+  np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), atol=1e-2)
+
+
+def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
+  """`lcv.kernels.gpu` runs the portable kernel off Hopper (here: CPU, interpret) with identical
+  results, honours kernel= and $LCV_GPU_KERNEL, and names a bad choice."""
+  from lcv.kernels import gpu
+
+  rng = np.random.default_rng(7)
+  q, k, v, _ = _inputs(rng, 1, 40, 40, 2, 1, 64, jnp.bfloat16)
+  lo, hi = masks.intervals(np.ones((1, 40), np.int32), np.full((1, 40), -1, np.int32))
+  kid = masks.key_indices(1, 40)
+  got = gpu.attention(q, k, v, lo, hi, kid, interpret=True)
+  want = flash_gpu.attention(q, k, v, lo, hi, kid, interpret=True)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+  assert not gpu._pick(q, k, "portable", {})
+  assert gpu._pick(q, k, "hopper", {}) and gpu._pick(q, k, None, {}) == flash_hopper.supported(q, k)
+  assert not gpu._pick(q, k, "hopper", {"interpret": True})  # the interpreter path is portable
+  with pytest.raises(ValueError, match="kernel='fast'"):
+    gpu.forward(q, k, v, lo, hi, kid, kernel="fast")
+  monkeypatch.setenv(gpu.ENV, "portable")
+  assert not gpu._pick(q, k, None, {})
+  monkeypatch.setenv(gpu.ENV, "cudnn")
+  with pytest.raises(ValueError, match="LCV_GPU_KERNEL"):
+    gpu.forward(q, k, v, lo, hi, kid)
