@@ -5,11 +5,12 @@ frames of dark colour noise with a dim grey square, one needle frame inserted at
 large coloured digit on a white card), and the question "what digit is on the white card?".
 Positions are V2PE with a random stride per video, the mask frame-block-causal, and attention is
 ring attention over the `context` axis of 8 emulated CPU devices (the gpu preset: one GPU, no
-ring). V-NIAH (`lcv.eval.vniah`) then
-asks the same question with the needle at several depths of haystacks `eval_scales` times longer
-than any training video, on haystack frames never seen in training.
+ring). V-NIAH (`lcv.eval.vniah`) then asks the same question with the needle at several depths of
+haystacks `eval_scales` times longer than any training video, on haystack frames never seen in
+training.
 
     python scripts/demo.py                                  # CPU, 8 emulated devices
+    python scripts/demo.py --config configs/demo.py:preset=gpu   # one H100 / H200
     python scripts/demo.py --config configs/demo.py:positions=1d,frame_bidirectional=false
 
 arg: comma-separated knobs, e.g. "preset=gpu", "steps=200,positions=tad".

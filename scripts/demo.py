@@ -302,7 +302,8 @@ def main(argv=None):
   r = demo.model.decoder.rope
   print(
     f"training {demo.steps} steps x {demo.batch} videos of <= {demo.seq_len} tokens on "
-    f"{mesh.shape['context']} devices (ring attention), positions={r.positions}, "
+    f"{mesh.shape['context']} device(s){' (ring attention)' if mesh.shape['context'] > 1 else ''}, "
+    f"positions={r.positions}, "
     f"frame_bidirectional={demo.model.frame_bidirectional}",
     flush=True,
   )
