@@ -474,6 +474,11 @@ def _backward(p: _Plan, q, k, v, do, lse, delta, lo, hi, kid):
 # Public API (docs/internals.md).
 
 
+def _forward_trimmed(p, q, k, v, q_lo, q_hi, k_idx):
+  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
+  return o[:, : p.t, :, : p.h], lse[:, :, : p.t]
+
+
 def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, block_sizes=None, interpret=None):
   """Masked attention forward, no VJP (ring steps call this).
 
@@ -490,8 +495,7 @@ def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, block_sizes=None, interpr
   """
   _check(q, k, v, q_lo, q_hi, k_idx)
   p = _plan(q, k, scale, block_sizes, interpret)
-  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
-  return o[:, : p.t, :, : p.h], lse[:, :, : p.t]
+  return _forward_trimmed(p, q, k, v, q_lo, q_hi, k_idx)
 
 
 def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
@@ -526,25 +530,33 @@ def backward(
   return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
-  return o[:, : p.t, :, : p.h], lse[:, :, : p.t]
+def with_vjp(forward_fn, backward_fn):
+  """A differentiable attention(q, k, v, q_lo, q_hi, k_idx, plan) from a kernel's two halves.
+
+  forward_fn(plan, q, k, v, q_lo, q_hi, k_idx) -> (o, lse); backward_fn(plan, q, k, v, o, lse, do,
+  dlse, q_lo, q_hi, k_idx) -> (dq, dk, dv). The residuals are the inputs and (o, lse); the lse
+  cotangent reaches the backward. Shared by the portable and the Hopper kernels.
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+  def attn(q, k, v, q_lo, q_hi, k_idx, plan):
+    return forward_fn(plan, q, k, v, q_lo, q_hi, k_idx)
+
+  def attn_fwd(q, k, v, q_lo, q_hi, k_idx, plan):
+    o, lse = attn(q, k, v, q_lo, q_hi, k_idx, plan)
+    return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
+
+  def attn_bwd(plan, res, cotangents):
+    q, k, v, o, lse, q_lo, q_hi, k_idx = res
+    do, dlse = cotangents
+    dq, dk, dv = backward_fn(plan, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
+    return dq, dk, dv, None, None, None
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn
 
 
-def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = _attention(q, k, v, q_lo, q_hi, k_idx, p)
-  return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
-
-
-def _attention_bwd(p, res, cotangents):
-  q, k, v, o, lse, q_lo, q_hi, k_idx = res
-  do, dlse = cotangents
-  dq, dk, dv = _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
-  return dq, dk, dv, None, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = with_vjp(_forward_trimmed, _backward_impl)
 
 
 def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, block_sizes=None, interpret=None):

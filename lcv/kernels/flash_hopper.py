@@ -717,12 +717,16 @@ def _check(q, k, v, q_lo, q_hi, k_idx) -> None:
     )
 
 
+def _forward_trimmed(p, q, k, v, q_lo, q_hi, k_idx):
+  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
+  return o[:, : p.t], lse[:, :, : p.t]
+
+
 def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
   """Masked attention forward, no VJP; arguments and results as `flash_gpu.forward`."""
   _check(q, k, v, q_lo, q_hi, k_idx)
   p = _plan(q, k, scale, interpret)
-  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
-  return o[:, : p.t], lse[:, :, : p.t]
+  return _forward_trimmed(p, q, k, v, q_lo, q_hi, k_idx)
 
 
 def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
@@ -747,25 +751,7 @@ def backward(q, k, v, o, lse, do, q_lo, q_hi, k_idx, *, scale=None, interpret=No
   return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = _forward(p, *_prepare(p, q, k, v, q_lo, q_hi, k_idx))
-  return o[:, : p.t], lse[:, :, : p.t]
-
-
-def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = _attention(q, k, v, q_lo, q_hi, k_idx, p)
-  return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
-
-
-def _attention_bwd(p, res, cotangents):
-  q, k, v, o, lse, q_lo, q_hi, k_idx = res
-  do, dlse = cotangents
-  dq, dk, dv = _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
-  return dq, dk, dv, None, None, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = flash_gpu.with_vjp(_forward_trimmed, _backward_impl)
 
 
 def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
