@@ -101,7 +101,9 @@ def main(argv=None):
   ap.add_argument(
     "--attention", default="ring", choices=("ring", "ulysses", "hybrid", "all_gather")
   )
-  ap.add_argument("--remat", default="full", choices=("none", "full", "dots_saveable", "offload"))
+  ap.add_argument(
+    "--remat", default="full", choices=("none", "full", "attention", "dots_saveable", "offload")
+  )
   ap.add_argument("--positions", default="v2pe", choices=("1d", "v2pe", "tad"))
   ap.add_argument("--frame_bidirectional", type=int, default=1)
   ap.add_argument("--theta", type=float, default=5e7)

@@ -147,7 +147,10 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=5, help="timed steps after two warm-up steps")
   parser.add_argument("--smoke", action="store_true", help="tiny model and sequences, for CPU")
   parser.add_argument(
-    "--remat", default="full", choices=("none", "full", "dots_saveable", "offload"), help="policy"
+    "--remat",
+    default="full",
+    choices=("none", "full", "attention", "dots_saveable", "offload"),
+    help="policy",
   )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   args = parser.parse_args(argv)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcv import masks
+from lcv.kernels import name_residuals
 
 _NEG_INF = float("-inf")
 
@@ -270,7 +271,7 @@ def _attention(q, k, v, q_lo, q_hi, k_idx, scale, block_q, block_k):
 
 
 def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, scale, block_q, block_k):
-  o, lse = _forward(q, k, v, q_lo, q_hi, k_idx, scale, block_q, block_k)
+  o, lse = name_residuals(*_forward(q, k, v, q_lo, q_hi, k_idx, scale, block_q, block_k))
   return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
 
 

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from lcv import masks
+from lcv.kernels import name_residuals
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -543,7 +544,7 @@ def with_vjp(forward_fn, backward_fn):
     return forward_fn(plan, q, k, v, q_lo, q_hi, k_idx)
 
   def attn_fwd(q, k, v, q_lo, q_hi, k_idx, plan):
-    o, lse = attn(q, k, v, q_lo, q_hi, k_idx, plan)
+    o, lse = name_residuals(*attn(q, k, v, q_lo, q_hi, k_idx, plan))
     return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
 
   def attn_bwd(plan, res, cotangents):

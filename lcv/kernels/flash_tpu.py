@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcv import masks
-from lcv.kernels import blockwise
+from lcv.kernels import blockwise, name_residuals
 
 _LANES = 128
 _SUBLANES = 8
@@ -590,7 +590,7 @@ def _attention(q, k, v, q_lo, q_hi, k_idx, p):
 
 
 def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = _forward(p, q, k, v, q_lo, q_hi, k_idx)
+  o, lse = name_residuals(*_forward(p, q, k, v, q_lo, q_hi, k_idx))
   return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
 
 

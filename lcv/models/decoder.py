@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcv import attention, masks, rope
+from lcv import attention, kernels, masks, rope
 from lcv.config import DecoderConfig
 from lcv.masks import TokenMask
 from lcv.models.layers import (
@@ -190,9 +190,16 @@ class Block(nnx.Module):
     return x, kv
 
 
+REMAT_POLICIES = ("none", "full", "attention", "dots_saveable", "offload")
+
+
 def remat_policy(name: str):
   """`jax.checkpoint` policy for a config's `remat` (None = save nothing, i.e. full remat)."""
   cp = jax.checkpoint_policies
+  if name == "attention":
+    # Full remat except the attention kernels' (o, lse) residuals (named in every backend's VJP,
+    # lcv.kernels.RESIDUAL_NAMES): the backward re-runs projections and MLP, never attention.
+    return cp.save_only_these_names(*kernels.RESIDUAL_NAMES)
   if name == "dots_saveable":
     return cp.dots_with_no_batch_dims_saveable
   if name == "offload":
@@ -202,7 +209,7 @@ def remat_policy(name: str):
     return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
   if name in ("full", "none"):
     return None
-  raise ValueError(f"remat={name!r}; choose none, full, dots_saveable or offload")
+  raise ValueError(f"remat={name!r}; choose one of {REMAT_POLICIES}")
 
 
 class Decoder(nnx.Module):

@@ -40,6 +40,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lcv import masks
+from lcv.kernels import name_residuals
 from lcv.parallel import context, rules, ulysses
 
 STRATEGIES = ("ring", "ulysses", "hybrid", "all_gather")
@@ -185,7 +186,7 @@ def _ring(cfg: _Ring, q, k, v, q_lo, q_hi, k_idx):
 
 
 def _ring_fwd(cfg: _Ring, q, k, v, q_lo, q_hi, k_idx):
-  o, lse = _ring_forward(cfg, q, k, v, q_lo, q_hi, k_idx)
+  o, lse = name_residuals(*_ring_forward(cfg, q, k, v, q_lo, q_hi, k_idx))
   return o, (q, k, v, q_lo, q_hi, k_idx, o, lse)
 
 

@@ -16,6 +16,7 @@ The formula (per device, bytes) adds what a VLM training step keeps alive at its
 
 Per-layer residuals by `DecoderConfig.remat` (per token, in the compute dtype):
   full           D                                 (the block input; LWM / MaxText "full")
+  attention      D + N*H + 2*N                     (plus the attention output and float32 lse)
   dots_saveable  D + N*H + 2*K*H + D + 2*F + D     (matmul outputs: q, k, v, o, gate, up, down)
   offload        D on device; the dots go to pinned host memory (reported as `host`)
   none           every intermediate (norms, q/k/v after RoPE, attention, the SwiGLU branch)
@@ -104,7 +105,14 @@ def layer_residuals(cfg: DecoderConfig) -> tuple[int, int, int]:
   d, f, n, k, h = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   dots = n * h + 2 * k * h + d + 2 * f + d
   everything = 8 * d + 2 * (n * h + 2 * k * h) + n * h + 4 * f
-  saved = {"full": d, "dots_saveable": d + dots, "offload": d, "none": everything}[cfg.remat]
+  attn = n * h + 2 * n  # o in the compute dtype, lse in float32 (two compute-dtype elements)
+  saved = {
+    "full": d,
+    "attention": d + attn,
+    "dots_saveable": d + dots,
+    "offload": d,
+    "none": everything,
+  }[cfg.remat]
   host = dots if cfg.remat == "offload" else 0
   return saved, host, WORKING_FACTOR * everything
 

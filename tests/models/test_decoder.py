@@ -78,7 +78,7 @@ def test_remat_policies_agree():
   _, _, mask, pos = _layout()
   grads = {}
   # "offload" is "dots_saveable" on CPU (no pinned host memory space), so this covers both.
-  for remat in ("none", "full", "offload"):
+  for remat in ("none", "full", "attention", "offload"):
     cfg = DecoderConfig.variant("tiny", remat=remat)
     model = _model(cfg)
     graphdef, params = nnx.split(model)
@@ -88,7 +88,7 @@ def test_remat_policies_agree():
       return jnp.sum(jnp.square(h))
 
     grads[remat] = jax.jit(jax.grad(loss))(params, _inputs(cfg))
-  for remat in ("full", "offload"):
+  for remat in ("full", "attention", "offload"):
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
       grads[remat],
@@ -143,6 +143,23 @@ def test_variant_rows_match_published_sizes():
   }
   for name, count in published.items():
     assert decoder.param_count(DecoderConfig.variant(name)) == count, name
+
+
+def test_attention_remat_runs_each_attention_forward_once():
+  """remat="attention": the backward reuses the kernels' (o, lse) instead of re-running the
+  forward kernel (counted in the jaxpr of the gradient: Pallas GPU kernel, interpret mode)."""
+  _, _, mask, pos = _layout()
+  counts = {}
+  for remat in ("full", "attention"):
+    cfg = DecoderConfig.variant("tiny", remat=remat, attention_impl="pallas_gpu")
+    graphdef, params = nnx.split(_model(cfg))
+
+    def loss(params, x, graphdef=graphdef):
+      return jnp.sum(jnp.square(nnx.merge(graphdef, params)(x, pos, mask)))
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, _inputs(cfg)))
+    counts[remat] = jaxpr.count("name=lcv_flash_fwd")
+  assert counts == {"full": 2, "attention": 1}, counts
 
 
 def test_remat_policy_names():
