@@ -130,7 +130,7 @@ class Projector(nnx.Module):
       x = layer_norm(x, self.norm_scale[...], self.norm_bias[...], cfg.norm_eps)
     cast = lambda v: v[...].astype(dtype)
     x = jnp.einsum("BPC,CD->BPD", x, cast(self.fc1_kernel)) + cast(self.fc1_bias)
-    x = constrain(jax.nn.gelu(x, approximate=False), ("batch", None, "act_mlp"))
+    x = constrain(jax.nn.gelu(x, approximate=False), ("frames", None, "act_mlp"))
     x = jnp.einsum("BPD,DE->BPE", x, cast(self.fc2_kernel)) + cast(self.fc2_bias)
     if cfg.pool > 1:
       x = avg_pool(x, cfg.pool)

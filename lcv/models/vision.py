@@ -30,6 +30,7 @@ from flax import nnx
 from lcv import attention, masks
 from lcv.config import VisionConfig
 from lcv.models.layers import constrain, param
+from lcv.parallel import rules
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
@@ -137,14 +138,14 @@ class Block(nnx.Module):
     v = jnp.einsum("BPD,DNH->BPNH", y, cast(self.v_kernel)) + cast(self.v_bias)
     # Patch axes stay unsharded (None, not "length"): an image's 577 tokens are short, rarely
     # divide the context axis, and frames already spread over "batch".
-    q, k, v = (constrain(t, ("batch", None, "act_heads", None)) for t in (q, k, v))
+    q, k, v = (constrain(t, ("frames", None, "act_heads", None)) for t in (q, k, v))
     o = attention.attend(q, k, v, mask=mask, kv_mask=mask, impl=cfg.attention_impl)
     x = x + jnp.einsum("BPNH,NHD->BPD", o, cast(self.o_kernel)) + cast(self.o_bias)
     y = layer_norm(x, self.ln2_scale[...], self.ln2_bias[...], cfg.norm_eps)
     y = jnp.einsum("BPD,DF->BPF", y, cast(self.fc1_kernel)) + cast(self.fc1_bias)
-    y = constrain(activation(cfg.act, y), ("batch", None, "act_mlp"))
+    y = constrain(activation(cfg.act, y), ("frames", None, "act_mlp"))
     x = x + jnp.einsum("BPF,FD->BPD", y, cast(self.fc2_kernel)) + cast(self.fc2_bias)
-    return constrain(x, ("batch", None, "act_embed"))
+    return constrain(x, ("frames", None, "act_embed"))
 
 
 class VisionEncoder(nnx.Module):
@@ -279,13 +280,18 @@ class VisionEncoder(nnx.Module):
       raise ValueError(f"video pixels must be [B, F, H, W, C]; got shape {pixels.shape}")
     b, f = pixels.shape[:2]
     frames = pixels.reshape(b * f, *pixels.shape[2:])
-    chunk = min(self.cfg.frame_chunk, b * f)
+    # Each chunk's frames are split over the mesh's "frames" axes (data x fsdp x context), so the
+    # chunk is a multiple of that split: padding frames cost no time, those devices would
+    # otherwise encode the same frames as their neighbours.
+    ways = rules.shards("frames")
+    chunk = -(-min(self.cfg.frame_chunk, b * f) // ways) * ways
     pad = (-(b * f)) % chunk
     frames = jnp.pad(frames, ((0, pad),) + ((0, 0),) * 3)
     frames = frames.reshape(-1, chunk, *frames.shape[1:])
     graph, state = nnx.split(self)
 
     def one(chunk_pixels):
+      chunk_pixels = constrain(chunk_pixels, ("frames", None, None, None))
       out = nnx.merge(graph, state)(chunk_pixels)
       return out if fn is None else fn(out)
 

@@ -37,6 +37,9 @@ RULES: tuple[tuple[str, MeshAxes], ...] = (
   ("patches", None),
   # Activations.
   ("batch", ("data", "fsdp")),
+  # The vision tower's images (video frames folded into its batch): spread over the context axis
+  # too, so context devices encode different frames instead of all of them each.
+  ("frames", ("data", "fsdp", "context")),
   ("length", "context"),
   ("act_embed", None),
   ("act_heads", "tensor"),
@@ -99,6 +102,14 @@ def check_divisible(shape: Sequence[int], names: Sequence[str | None], mesh, rul
         f"axis {name!r} of size {dim} is sharded over mesh axes {axes} of total size {size}; "
         f"make it a multiple of {size} (pad by {-dim % size}) or change the mesh"
       )
+
+
+def shards(name: str, rules=None) -> int:
+  """How many ways the ambient mesh splits an array axis named `name` (1 without a mesh)."""
+  mesh = _ambient_mesh()
+  if mesh is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in _mesh_axes(name, rules) if a in mesh.axis_names)
 
 
 def _ambient_mesh():

@@ -10,8 +10,8 @@ The formula (per device, bytes) adds what a VLM training step keeps alive at its
                stays sequence-sharded (rules "length" -> context)
   working      one block's forward + backward intermediates, rebuilt during its backward
   loss         the chunked LM head: [B, C, V] float32 logits, their softmax and gradient
-  vision       the tower's frames (replicated over context), chunk by chunk, plus the spliced
-               visual tokens
+  vision       the tower's frames (split over data x fsdp x context: rules "frames"), chunk by
+               chunk, plus the spliced visual tokens (gathered back for the splice)
   batch        the step's inputs (ids, masks, positions, uint8 pixels)
 
 Per-layer residuals by `DecoderConfig.remat` (per token, in the compute dtype):
@@ -183,11 +183,12 @@ def estimate(
     v_tokens = v.grid**2 + int(v.class_token)
     v_bytes = _bytes(v.dtype)
     per_frame_saved = v.num_layers_run * v_tokens * v.width * v_bytes
-    chunk_frames = min(v.frame_chunk, rows * frames)
+    ctx = axes["context"]  # the device's rows' frames are further split over context
+    chunk_frames = -(-min(v.frame_chunk, rows * frames) // ctx)
     v_working = chunk_frames * v_tokens * 2 * (4 * v.width + v.mlp) * v_bytes
     pixels = rows * frames * v.image_size**2 * v.channels * 4  # normalised float32 copy
     spliced = rows * frames * vlm.frame_tokens * dec.embed_dim * c_bytes
-    vision = rows * frames * per_frame_saved + v_working + pixels + spliced
+    vision = rows * frames * per_frame_saved / ctx + v_working + pixels + spliced
 
   # ids, targets, weights, visual slots, segment ids, modality, positions, mask lo/hi/index.
   batch = rows * data.seq_len * 10 * 4 / axes["context"]

@@ -160,3 +160,29 @@ def test_sharded_equals_unsharded():
     assert enc.blocks.fc1_kernel[...].sharding.spec[2] == "tensor"
     got = jax.jit(lambda m, v: m.encode_frames(v))(enc, video)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frames_split_over_context_equal_unsharded():
+  """fsdp 2 x context 4: each chunk's frames are spread over all 8 devices (context devices encode
+  different frames), 10 frames pad to chunks of 8, the features are unchanged, and each device
+  does about a third of the tower FLOPs it does with the frames split over fsdp only."""
+  from lcv.config import MeshConfig
+  from lcv.parallel import mesh as mesh_lib
+  from lcv.parallel import rules
+
+  cfg = VisionConfig.variant("tiny", frame_chunk=6)  # rounded up to a multiple of the split
+  video = _pixels(2, 5, 28, 28, 3, seed=4)
+  want = vision.VisionEncoder(cfg, rngs=nnx.Rngs(0)).encode_frames(video)
+  flops = {}
+  for context in (1, 4):
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=2, context=context, tensor=1),
+                              jax.devices()[: 2 * context])  # fmt: skip
+    with jax.set_mesh(mesh), rules.use_rules():
+      assert rules.shards("frames") == 2 * context and rules.shards("batch") == 2
+      enc = vision.VisionEncoder(cfg, rngs=nnx.Rngs(0))
+      fn = jax.jit(lambda m, v: m.encode_frames(v))
+      flops[context] = fn.lower(enc, video).compile().cost_analysis()["flops"]
+      got = fn(enc, video)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # fsdp only: 2 chunks of 6 frames, 3 per device each; with context: 2 chunks of 8, 1 each.
+  assert flops[4] < 0.5 * flops[1], flops
