@@ -2,11 +2,11 @@
 
 The `impl="pallas_gpu"` backend of `lcv.attention.attend` and of the ring's per-step kernel. The
 choice is made per call, from static facts only (device capability, dtype, head dim), so it is
-fixed at trace time: sm_90 GPUs with bf16 / fp16 inputs and head dim 64, 128 or 256 run the
-Mosaic GPU kernels (wgmma, TMA, warp specialization); anything else, and CPU interpret runs, the
-portable Pallas kernel (`flash_gpu`). Both have the same contract (docs/internals.md), so a
-caller never sees which one ran; `kernel=` (or the environment variable LCV_GPU_KERNEL) forces
-one: "hopper" | "portable".
+fixed at trace time: sm_90 GPUs with bf16 / fp16 inputs and head dim 64 or 128 run the Mosaic
+GPU kernels (wgmma, TMA, warp specialization); anything else, and calls with the portable
+kernel's own options (`block_sizes`, `interpret=True`), run the portable Pallas kernel
+(`flash_gpu`). Both have the same contract (docs/internals.md), so a caller never sees which one
+ran; `kernel=` (or the environment variable LCV_GPU_KERNEL) forces one: "hopper" | "portable".
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ def _pick(q, k, kernel: str | None, kwargs) -> bool:
   kernel = kernel or os.environ.get(ENV, "auto")
   if kernel not in KERNELS:
     raise ValueError(f"{kernel=} (argument or ${ENV}) must be one of {KERNELS}")
-  if kernel == "portable" or kwargs.get("interpret") or "block_sizes" in kwargs:
+  if kernel == "portable":
     return False
-  if kernel == "hopper" or flash_hopper.supported(q, k):
-    kwargs.pop("interpret", None)
-    return True
-  return False
+  portable_options = [o for o in ("block_sizes", "interpret") if kwargs.get(o)]
+  if kernel == "hopper" and portable_options:
+    raise ValueError(
+      f"kernel='hopper' does not take {portable_options} (options of the portable kernel); drop "
+      "them, or use kernel='portable'"
+    )
+  if kernel == "auto" and (portable_options or not flash_hopper.supported(q, k)):
+    return False
+  kwargs.pop("interpret", None)
+  return True
 
 
 def forward(q, k, v, q_lo, q_hi, k_idx, *, kernel: str | None = None, **kwargs):

@@ -169,7 +169,9 @@ def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
   assert not gpu._pick(q, k, "portable", {})
   assert gpu._pick(q, k, "hopper", {}) and gpu._pick(q, k, None, {}) == flash_hopper.supported(q, k)
-  assert not gpu._pick(q, k, "hopper", {"interpret": True})  # the interpreter path is portable
+  assert not gpu._pick(q, k, None, {"interpret": True})  # portable options pick the portable one
+  with pytest.raises(ValueError, match="portable kernel"):
+    gpu._pick(q, k, "hopper", {"block_sizes": flash_gpu.BlockSizes()})
   with pytest.raises(ValueError, match="kernel='fast'"):
     gpu.forward(q, k, v, lo, hi, kid, kernel="fast")
   monkeypatch.setenv(gpu.ENV, "portable")
