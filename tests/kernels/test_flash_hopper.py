@@ -85,6 +85,24 @@ def test_interpreter_packed_gqa_padding():
   _check(q, k, v, do, lo, hi, masks.key_indices(b, t))
 
 
+def test_interpreter_zigzag_chunk_and_rows_without_keys():
+  """A ring step's view in the interpreter: a key chunk of non-contiguous global indices (two
+  zig-zag quarters), T != S, and rows that see none of it (o = 0, lse = -inf, no NaN)."""
+  rng = np.random.default_rng(3)
+  t, n, h = 256, 2, 64
+  seg, fr = _layout(rng, 1, t, 24, 2, 0)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, 1, t, t, n, n, h, jnp.bfloat16)
+  c = t // 4
+  idx = np.r_[c : 2 * c, 3 * c : 4 * c]  # quarters 1 and 3: early rows see none of them
+  kid = jnp.asarray(idx[None], jnp.int32)
+  _check(q, k[:, idx], v[:, idx], do, lo, hi, kid)
+  o, lse = flash_hopper.forward(q, k[:, idx], v[:, idx], lo, hi, kid)
+  empty = np.isneginf(np.asarray(lse))[0, 0]  # rows (every head alike) with no key in the chunk
+  assert empty.sum() >= c // 2, empty.sum()  # most of the first quarter (frames may straddle it)
+  assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
+
+
 def test_supported_and_errors():
   q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
   assert not flash_hopper.supported(q.astype(jnp.float32), q)
