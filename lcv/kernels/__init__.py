@@ -2,13 +2,17 @@
 q [B, T, N, H], k/v [B, S, K, H] and interval masks (q_lo, q_hi, k_idx), returning (o, lse).
 
 `blockwise` is plain jnp (any platform); `flash_gpu` (portable), `flash_hopper` (sm_90, Mosaic GPU;
-`gpu` picks between them) and `flash_tpu` are Pallas kernels. Import
-the module you need; this package init imports none of them.
-
-Every backend's custom VJP names its (o, lse) residuals with `name_residuals`, so the decoder's
-`remat="attention"` policy can keep them and the backward never re-runs an attention forward.
+`gpu` picks between them) and `flash_tpu` are Pallas kernels. Import the module you need; this
+package init imports none of them. It holds what they share: `with_vjp` (the custom VJP of the
+Pallas kernels) and `name_residuals`, with which every backend's VJP names its (o, lse) residuals,
+so the decoder's `remat="attention"` policy can keep them and the backward never re-runs an
+attention forward.
 """
 
+import functools
+
+import jax
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 RESIDUAL_NAMES = ("attention_out", "attention_lse")
@@ -17,3 +21,31 @@ RESIDUAL_NAMES = ("attention_out", "attention_lse")
 def name_residuals(o, lse):
   """(o, lse) tagged for `jax.checkpoint` policies (`save_only_these_names(*RESIDUAL_NAMES)`)."""
   return checkpoint_name(o, RESIDUAL_NAMES[0]), checkpoint_name(lse, RESIDUAL_NAMES[1])
+
+
+def with_vjp(forward_fn, backward_fn):
+  """A differentiable attention(q, k, v, q_lo, q_hi, k_idx, plan) from a kernel's two halves.
+
+  forward_fn(plan, q, k, v, q_lo, q_hi, k_idx) -> (o, lse); backward_fn(plan, q, k, v, o, lse, do,
+  dlse, q_lo, q_hi, k_idx) -> (dq, dk, dv). The residuals are the inputs and (o, lse); the lse
+  cotangent reaches the backward. Shared by the Pallas kernels (portable GPU, Hopper, TPU).
+  """
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+  def attn(q, k, v, q_lo, q_hi, k_idx, plan):
+    return forward_fn(plan, q, k, v, q_lo, q_hi, k_idx)
+
+  def attn_fwd(q, k, v, q_lo, q_hi, k_idx, plan):
+    o, lse = name_residuals(*attn(q, k, v, q_lo, q_hi, k_idx, plan))
+    return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
+
+  def attn_bwd(plan, res, cotangents):
+    q, k, v, o, lse, q_lo, q_hi, k_idx = res
+    do, dlse = cotangents
+    dq, dk, dv = backward_fn(plan, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
+    # Integer mask arguments take float0 cotangents.
+    ints = tuple(np.zeros(np.shape(x), jax.dtypes.float0) for x in (q_lo, q_hi, k_idx))
+    return (dq, dk, dv, *ints)
+
+  attn.defvjp(attn_fwd, attn_bwd)
+  return attn

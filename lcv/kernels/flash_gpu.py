@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu_triton
 
 from lcv import masks
-from lcv.kernels import name_residuals
+from lcv.kernels import with_vjp
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -529,32 +529,6 @@ def backward(
   _check(q, k, v, q_lo, q_hi, k_idx)
   p = _plan(q, k, scale, block_sizes, interpret)
   return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
-
-
-def with_vjp(forward_fn, backward_fn):
-  """A differentiable attention(q, k, v, q_lo, q_hi, k_idx, plan) from a kernel's two halves.
-
-  forward_fn(plan, q, k, v, q_lo, q_hi, k_idx) -> (o, lse); backward_fn(plan, q, k, v, o, lse, do,
-  dlse, q_lo, q_hi, k_idx) -> (dq, dk, dv). The residuals are the inputs and (o, lse); the lse
-  cotangent reaches the backward. Shared by the portable and the Hopper kernels.
-  """
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-  def attn(q, k, v, q_lo, q_hi, k_idx, plan):
-    return forward_fn(plan, q, k, v, q_lo, q_hi, k_idx)
-
-  def attn_fwd(q, k, v, q_lo, q_hi, k_idx, plan):
-    o, lse = name_residuals(*attn(q, k, v, q_lo, q_hi, k_idx, plan))
-    return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
-
-  def attn_bwd(plan, res, cotangents):
-    q, k, v, o, lse, q_lo, q_hi, k_idx = res
-    do, dlse = cotangents
-    dq, dk, dv = backward_fn(plan, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
-    return dq, dk, dv, None, None, None
-
-  attn.defvjp(attn_fwd, attn_bwd)
-  return attn
 
 
 _attention = with_vjp(_forward_trimmed, _backward_impl)

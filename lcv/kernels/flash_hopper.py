@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from lcv import masks
-from lcv.kernels import flash_gpu
+from lcv.kernels import flash_gpu, with_vjp
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -751,7 +751,7 @@ def backward(q, k, v, o, lse, do, q_lo, q_hi, k_idx, *, scale=None, interpret=No
   return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
 
 
-_attention = flash_gpu.with_vjp(_forward_trimmed, _backward_impl)
+_attention = with_vjp(_forward_trimmed, _backward_impl)
 
 
 def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):

@@ -53,12 +53,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcv import masks
-from lcv.kernels import blockwise, name_residuals
+from lcv.kernels import blockwise, with_vjp
 
 _LANES = 128
 _SUBLANES = 8
@@ -584,26 +583,7 @@ def backward(
   return _backward(p, q, k, v, o, lse, do, None, *_ints(q_lo, q_hi, k_idx))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, q_lo, q_hi, k_idx, p):
-  return _forward(p, q, k, v, q_lo, q_hi, k_idx)
-
-
-def _attention_fwd(q, k, v, q_lo, q_hi, k_idx, p):
-  o, lse = name_residuals(*_forward(p, q, k, v, q_lo, q_hi, k_idx))
-  return (o, lse), (q, k, v, o, lse, q_lo, q_hi, k_idx)
-
-
-def _attention_bwd(p, res, cotangents):
-  q, k, v, o, lse, q_lo, q_hi, k_idx = res
-  do, dlse = cotangents
-  dq, dk, dv = _backward(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
-  # Integer mask arguments take float0 cotangents.
-  zeros = tuple(np.zeros(x.shape, jax.dtypes.float0) for x in (q_lo, q_hi, k_idx))
-  return (dq, dk, dv, *zeros)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = with_vjp(_forward, _backward)
 
 
 def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, block_sizes=None, interpret=None):
