@@ -10,7 +10,7 @@ turns on the tensor cores (the "ping-pong" schedule barrier, section 3.1) so one
 softmax overlaps the other's matmuls.
 
 What lcv adds is the mask. Every CTA gets its key-tile range from `flash_gpu.tile_ranges`
-(computed once per call on the host side of the kernel, O(T/64 * S/bk) work): the producer loads
+(computed once per call in plain jnp outside the kernels, O(T/64 * S/bk) work): the producer loads
 only the tiles in the CTA's range, so skipped tiles cost no loads and no FLOPs; each consumer
 splits its own part of that range into boundary tiles (elementwise mask from the row intervals
 and the tile's key indices) and a run of full tiles (no mask arithmetic), as five loops with the
