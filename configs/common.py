@@ -153,3 +153,21 @@ def clip_vlm_run(
     projector=dict(pool=2, dtype="bfloat16"),
     data=dict(max_frames=max_frames, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD),
   )
+
+
+# A Qwen2 decoder under the CLIP tower (configs/qwen2_0_5b.py, qwen2_1_5b.py): the CLIP-VLM knobs
+# plus Qwen2's RoPE theta and the attention implementation ("auto" is ring when context > 1).
+QWEN2_CLIP_KNOBS = dict(CLIP_VLM_KNOBS, theta=1e6, attention="auto")
+
+
+def qwen2_clip_run(variant: str, arg: str | None) -> RunConfig:
+  """The LongVA-recipe run of a Qwen2 `variant` ("qwen2-0.5b", "qwen2-1.5b") from knobs `arg`."""
+  k = parse_knobs(arg, QWEN2_CLIP_KNOBS)
+  return clip_vlm_run(
+    variant,
+    k,
+    theta=k["theta"],
+    attention=k["attention"],
+    max_frames=64,
+    optimizer=LONGVA_OPTIMIZER,
+  )

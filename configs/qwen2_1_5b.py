@@ -21,18 +21,8 @@ _spec = util.spec_from_file_location("lcv_configs_common", Path(__file__).with_n
 common = util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
-# common.CLIP_VLM_KNOBS (steps, seq_len, batch, positions, frame_bidirectional, remat, context),
-# plus Qwen2's RoPE theta and the attention implementation ("auto" is ring when context > 1).
-KNOBS = dict(common.CLIP_VLM_KNOBS, theta=1e6, attention="auto")
+KNOBS = common.QWEN2_CLIP_KNOBS  # CLIP-VLM knobs + theta, attention
 
 
 def get_config(arg: str | None = None) -> RunConfig:
-  k = common.parse_knobs(arg, KNOBS)
-  return common.clip_vlm_run(
-    "qwen2-1.5b",
-    k,
-    theta=k["theta"],
-    attention=k["attention"],
-    max_frames=64,
-    optimizer=common.LONGVA_OPTIMIZER,
-  )
+  return common.qwen2_clip_run("qwen2-1.5b", arg)

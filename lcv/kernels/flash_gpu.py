@@ -499,11 +499,17 @@ def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, block_sizes=None, interpr
   return _forward_trimmed(p, q, k, v, q_lo, q_hi, k_idx)
 
 
-def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
-  # Elementwise, not a dot: a float32 dot may run in tf32 on GPUs.
+def _delta(o, do, dlse):
+  """rowsum(dO * O) - dlse, float32 [B, N, T]: the lse cotangent folded in (d lse / d s = P).
+
+  Elementwise, not a dot: a float32 dot may run in tf32 on GPUs.
+  """
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-  if dlse is not None:
-    delta = delta - dlse.astype(jnp.float32)
+  return delta if dlse is None else delta - dlse.astype(jnp.float32)
+
+
+def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
+  delta = _delta(o, do, dlse)
   qp, kp, vp, lo, hi, kid = _prepare(p, q, k, v, q_lo, q_hi, k_idx)
   dop = _pad_axis(_pad_axis(do.astype(q.dtype), 1, p.t_pad), 3, p.h_pad)
   lse = _pad_axis(lse.astype(jnp.float32), 2, p.t_pad, -jnp.inf)

@@ -730,9 +730,7 @@ def forward(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
 
 
 def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
-  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
-  if dlse is not None:
-    delta = delta - dlse.astype(jnp.float32)
+  delta = flash_gpu._delta(o, do, dlse)
   qp, kp, vp, lo, hi, kid = _prepare(p, q, k, v, q_lo, q_hi, k_idx)
   pad = flash_gpu._pad_axis
   dop = pad(do.astype(q.dtype), 1, p.t_pad)
