@@ -7,11 +7,14 @@ Positions are V2PE with a random stride per video, the mask frame-block-causal, 
 ring attention over the `context` axis of 8 emulated CPU devices (the gpu preset: one GPU, no
 ring). V-NIAH (`lcv.eval.vniah`) then asks the same question with the needle at several depths of
 haystacks `eval_scales` times longer than any training video, on haystack frames never seen in
-training.
+training. Attention logits are LogN-scaled for queries that see more than `logn` keys, in
+training and evaluation (`lcv.attention.logn_scale`): without it the needle's weight is diluted
+by the 64x longer haystack (docs/results.md has the ablation).
 
     python scripts/demo.py                                  # CPU, 8 emulated devices
     python scripts/demo.py --config configs/demo.py:preset=gpu   # one H100 / H200
     python scripts/demo.py --config configs/demo.py:positions=1d,frame_bidirectional=false
+    python scripts/demo.py --config configs/demo.py:logn=0       # the ablation without it
 
 arg: comma-separated knobs, e.g. "preset=gpu", "steps=200,positions=tad".
 """
@@ -39,7 +42,14 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 KNOBS = dict(
-  preset="cpu", steps=0, positions="v2pe", frame_bidirectional=True, context=0, batch=0, seed=0
+  preset="cpu",
+  steps=0,
+  positions="v2pe",
+  frame_bidirectional=True,
+  logn=64,
+  context=0,
+  batch=0,
+  seed=0,
 )
 
 
@@ -90,10 +100,17 @@ def get_config(arg: str = "") -> Demo:
   k = parse(arg)
   gpu = k["preset"] == "gpu"
   context = k["context"] or (1 if gpu else 8)  # one GPU; 8 emulated CPU devices
+  seq_len = 512 if gpu else 256
   # 7 px patches: 16 per 28 px frame (a tower sequence the context axis divides), pooled 2 x 2
-  # to 4 tokens per frame in the LLM.
+  # to 4 tokens per frame in the LLM. On a GPU all of a step's frames (~3,400) go through the
+  # tower at once: in chunks of 32 the step was a long sequential loop of tiny kernels.
   vision = VisionConfig.variant(
-    "tiny", patch=7, class_token=False, feature_layer=-1, width=64 if gpu else 32
+    "tiny",
+    patch=7,
+    class_token=False,
+    feature_layer=-1,
+    width=64 if gpu else 32,
+    frame_chunk=4096 if gpu else 32,
   )
   rope = RopeConfig(
     theta=1e4, positions=k["positions"], v2pe_random=k["positions"] == "v2pe", tad_gamma=1.0
@@ -106,6 +123,10 @@ def get_config(arg: str = "") -> Demo:
     mlp_dim=512 if gpu else 128,
     num_layers=4 if gpu else 2,
     attention_impl="ring" if context > 1 else "auto",
+    # LogN-scaling (lcv.attention.logn_scale) of every query that sees more than `logn` keys,
+    # in training too (as Scalable-Softmax, arXiv 2501.19399): the model learns its logit scale
+    # with the factor in place, and a needle in a 64x longer video is not diluted 64x.
+    logn_scale_len=k["logn"],
   )
   model = VLMConfig(
     decoder=decoder,
@@ -120,6 +141,6 @@ def get_config(arg: str = "") -> Demo:
     optimizer=OptimizerConfig(lr=1e-3, warmup_steps=20, weight_decay=0.01, end_lr_ratio=0.05),
     steps=steps,
     batch=k["batch"] or (32 if gpu else 16),
-    seq_len=512 if gpu else 256,
+    seq_len=seq_len,
     seed=k["seed"],
   )

@@ -198,6 +198,32 @@ def _masks(t, s, segment_ids, frame_ids, frame_bidirectional, mask, kv_mask):
   return mask, kv_mask
 
 
+def logn_scale(lo: jax.Array, hi: jax.Array, base_len: int) -> jax.Array:
+  """Per-query logit multiplier max(1, log n / log base_len), n = the query's allowed keys.
+
+  LogN-scaling (Chiang & Cholak 2022, arXiv 2202.12172; Qwen, arXiv 2309.16609 section 2.3):
+  a query spreading softmax mass over n keys sees its largest weight shrink like 1/n, so a model
+  trained on at most `base_len` keys loses its sharpest lookups on longer inputs. Multiplying the
+  logits by log n / log base_len keeps that entropy roughly constant. Queries with at most
+  base_len keys get exactly 1: with base_len = the training length a trained model is unchanged
+  on training-length inputs (Qwen's inference-time use); with a shorter base_len the model
+  trains with the factor (as Scalable-Softmax, arXiv 2501.19399). n = hi - lo + 1 counts the
+  interval of DESIGN section 2: frame blocks and packing are counted exactly, in any token order.
+
+  Args:
+    lo, hi: int32[B, T] the queries' key intervals (`masks.TokenMask`); rows without keys have
+      hi < lo and get 1.
+    base_len: the length the model was trained at, >= 2.
+
+  Returns:
+    float32[B, T].
+  """
+  if base_len < 2:
+    raise ValueError(f"{base_len=} must be >= 2 (the training length; log 1 = 0)")
+  n = jnp.maximum(hi - lo + 1, 1).astype(jnp.float32)
+  return jnp.maximum(jnp.log(n) / np.log(base_len), 1.0)
+
+
 def attend(
   q,
   k,

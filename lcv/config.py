@@ -236,9 +236,13 @@ class DecoderConfig:
   remat: what a block's backward recomputes: "none" saves everything; "full" saves only the block
     input; "attention" saves the block input and the attention kernels' (o, lse), so the backward
     never re-runs attention (~0.1 GB per layer at 32K tokens, 1.5B shape); "dots_saveable" keeps
-    matmul outputs; "offload" moves them to pinned host memory (GPU / TPU; on CPU it falls back
-    to "dots_saveable").
+    matmul outputs; "dots_attention" keeps both (only elementwise work is recomputed; a 1.5B
+    model at 32K fits on one H200); "offload" moves the dots to pinned host memory (GPU / TPU;
+    on CPU it falls back to "dots_saveable").
   attention_impl: passed to `lcv.attention.attend` ("auto", "xla", "cudnn", "pallas_gpu", ...).
+  logn_scale_len: 0 = off; else LogN-scaling of the attention logits for queries that see more
+    than this many keys (`lcv.attention.logn_scale`). Set to the training length it changes
+    nothing in training (an evaluation-time switch); set shorter, the model trains with it.
   """
 
   vocab_size: int = 32_000
@@ -255,10 +259,13 @@ class DecoderConfig:
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   scan_layers: bool = True
-  remat: Literal["none", "full", "attention", "dots_saveable", "offload"] = "full"
+  remat: Literal["none", "full", "attention", "dots_saveable", "dots_attention", "offload"] = "full"
   attention_impl: str = "auto"
+  logn_scale_len: int = 0
 
   def __post_init__(self):
+    if self.logn_scale_len and self.logn_scale_len < 2:
+      raise ValueError(f"{self.logn_scale_len=} must be 0 (off) or the training length (>= 2)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"{self.num_heads=} must be a multiple of {self.num_kv_heads=} (grouped-query attention)"
@@ -268,8 +275,9 @@ class DecoderConfig:
     sections = self.rope.mrope_sections
     if sections is not None and sum(sections) != self.head_dim // 2:
       raise ValueError(f"mrope_sections {sections} must sum to {self.head_dim // 2=}")
-    if self.remat not in ("none", "full", "attention", "dots_saveable", "offload"):
-      raise ValueError(f"{self.remat=}; choose none, full, attention, dots_saveable or offload")
+    policies = ("none", "full", "attention", "dots_saveable", "dots_attention", "offload")
+    if self.remat not in policies:
+      raise ValueError(f"{self.remat=}; choose one of {policies}")
 
   @classmethod
   def variant(cls, name: str, **overrides) -> DecoderConfig:

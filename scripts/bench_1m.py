@@ -102,7 +102,9 @@ def main(argv=None):
     "--attention", default="ring", choices=("ring", "ulysses", "hybrid", "all_gather")
   )
   ap.add_argument(
-    "--remat", default="full", choices=("none", "full", "attention", "dots_saveable", "offload")
+    "--remat",
+    default="full",
+    choices=("none", "full", "attention", "dots_saveable", "dots_attention", "offload"),
   )
   ap.add_argument("--positions", default="v2pe", choices=("1d", "v2pe", "tad"))
   ap.add_argument("--frame_bidirectional", type=int, default=1)

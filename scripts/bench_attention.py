@@ -108,6 +108,11 @@ def impls(case: Case, args, block_sizes):
   }
   if jax.default_backend() == "gpu":  # Mosaic GPU has no CPU lowering (sm_90 only)
     out["lcv_hopper"] = lambda q, k, v: flash_hopper.attention(q, k, v, lo, hi, kid)[0]
+    # Both backward forms, whichever is the default (`flash_hopper.FUSED_DQ`).
+    for tag, fused in (("split", False), ("fused", True)):
+      out[f"lcv_hopper_{tag}"] = lambda q, k, v, f=fused: flash_hopper.attention(
+        q, k, v, lo, hi, kid, fused_dq=f
+      )[0]
   if case.layout == "causal":
     out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"
@@ -219,15 +224,19 @@ def _wanted(args, impl: str) -> bool:
 
 def bench(args) -> list[dict]:
   b, n, h, dt = 1, args.heads, args.head_dim, jnp.bfloat16
+  kh = args.kv_heads or n
   bs = flash_gpu.BlockSizes(**json.loads(args.block_sizes)) if args.block_sizes else None
   rows = []
-  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "B": b, "N": n, "H": h}
+  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "B": b, "N": n, "K": kh}
+  meta["H"] = h
   meta["lcv_block_sizes"] = dataclasses.asdict(bs or flash_gpu.BlockSizes())
   if any(_wanted(args, i) for i in TOKAMAX_IMPLS) and (found := _tokamax()) is not None:
     meta["tokamax"] = found[2]
   for s in args.seq:
     key = jax.random.split(jax.random.key(s), 4)
-    q, k, v, do = (jax.random.normal(x, (b, s, n, h), dt) for x in key)
+    q, k, v, do = (
+      jax.random.normal(x, (b, s, kh if i in (1, 2) else n, h), dt) for i, x in enumerate(key)
+    )
     cudnn_ms = {}
     for name in args.layouts:
       case = make_case(name, s)
@@ -242,7 +251,7 @@ def bench(args) -> list[dict]:
         ro, vjp = ref(q, k, v, do)
         ref = (ro, vjp(do))
       candidates = {i: f for i, f in impls(case, args, bs).items() if _wanted(args, i)}
-      mg = mgpu_forward(case) if _wanted(args, "jax_mosaic_gpu_fp16") else None
+      mg = mgpu_forward(case) if _wanted(args, "jax_mosaic_gpu_fp16") and kh == n else None
       for impl, attn in candidates.items():
         for pas in args.passes:
           fn = jax.jit(attn) if pas == "fwd" else fwd_bwd(attn)
@@ -308,6 +317,7 @@ def main(argv=None):
   ap.add_argument("--passes", default="fwd,fwd_bwd")
   ap.add_argument("--impls", default="", help="comma list of implementations (default: all)")
   ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--kv_heads", type=int, default=0, help="K of GQA (default: = --heads)")
   ap.add_argument("--head_dim", type=int, default=128)
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--check_max", type=int, default=4096, help="dense reference check up to this S")

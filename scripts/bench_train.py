@@ -71,7 +71,9 @@ def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full"):
   return model, train, MeshConfig(data=1, fsdp=-1)
 
 
-def bench(llm: str, seq_len: int, steps: int, smoke: bool, remat: str = "full") -> dict:
+def bench(
+  llm: str, seq_len: int, steps: int, smoke: bool, remat: str = "full", profile: str | None = None
+) -> dict:
   import jax
   import numpy as np
 
@@ -110,6 +112,12 @@ def bench(llm: str, seq_len: int, steps: int, smoke: bool, remat: str = "full") 
       state, m = jitted(state, batch)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
+    if profile:
+      # Two more steps under the profiler (Perfetto JSON too: `scripts/profile_summary.py`).
+      with jax.profiler.trace(profile, create_perfetto_trace=True):
+        for _ in range(2):
+          state, m = jitted(state, batch)
+        jax.block_until_ready(state)
   device = jax.devices()[0]
   flops = task.flops_fn(host)
   mfu = flops_lib.mfu(flops, step_s, device.device_kind, jax.device_count())
@@ -149,15 +157,19 @@ def main(argv=None):
   parser.add_argument(
     "--remat",
     default="full",
-    choices=("none", "full", "attention", "dots_saveable", "offload"),
+    choices=("none", "full", "attention", "dots_saveable", "dots_attention", "offload"),
     help="policy",
   )
   parser.add_argument("--out", default=None, help="append JSON lines here")
+  parser.add_argument("--profile", default=None, help="trace two extra steps into this dir")
   args = parser.parse_args(argv)
   sys.path.insert(0, ROOT)
   default = "256,512" if args.smoke else "8192,32768,131072"
   seqs = [int(s) for s in (args.seq or default).split(",")]
-  rows = [bench(args.llm, s, args.steps, args.smoke, args.remat) for s in seqs]
+  rows = [
+    bench(args.llm, s, args.steps, args.smoke, args.remat, args.profile and f"{args.profile}/{s}")
+    for s in seqs
+  ]
   print(f"{'S':>8} {'frames':>6} {'step s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6}")
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"

@@ -46,9 +46,10 @@ def test_formula_structure():
     base.params
     == decoder_lib.param_count(_cfg().model.decoder) * 4 + memory.vision_params(_cfg().model) * 4
   )
-  policies = ("none", "dots_saveable", "attention", "full")
+  policies = ("none", "dots_attention", "dots_saveable", "attention", "full")
   saved = {r: memory.estimate(_cfg(r), 1).saved for r in policies}
-  assert saved["none"] > saved["dots_saveable"] > saved["attention"] > saved["full"]
+  assert saved["dots_saveable"] > saved["attention"] > saved["full"]
+  assert saved["none"] > saved["dots_attention"] > saved["dots_saveable"]
   off = memory.estimate(_cfg("offload"), 1)
   assert off.saved == saved["full"] and off.host > 0
   # Sequence sharding halves the per-device activations; weights shard over context too.

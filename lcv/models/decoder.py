@@ -47,6 +47,7 @@ from lcv.models.layers import (
   default_init,
   dtype_of,
   length_shards,
+  logits_dot,
   param,
 )
 from lcv.parallel import ring_attention
@@ -142,6 +143,10 @@ class Attention(nnx.Module):
     # Dynamic NTK scales by the sequence length: with a cache that is the cache's, not the chunk's.
     seq_len = None if kv is None else kv[0].shape[1]
     q = constrain(_rope(self.cfg, q, positions, seq_len), ("batch", seq, "act_heads", None))
+    if self.cfg.logn_scale_len:
+      # Scaling q scales its logits: every attention backend and the ring see plain queries.
+      factor = attention.logn_scale(mask.lo, mask.hi, self.cfg.logn_scale_len)
+      q = (q * factor[:, :, None, None]).astype(q.dtype)
     k = constrain(_rope(self.cfg, k, positions, seq_len), ("batch", seq, "act_kv_heads", None))
     if kv is not None:
       k_cache, v_cache = kv
@@ -190,7 +195,7 @@ class Block(nnx.Module):
     return x, kv
 
 
-REMAT_POLICIES = ("none", "full", "attention", "dots_saveable", "offload")
+REMAT_POLICIES = ("none", "full", "attention", "dots_saveable", "dots_attention", "offload")
 
 
 def remat_policy(name: str):
@@ -202,6 +207,12 @@ def remat_policy(name: str):
     return cp.save_only_these_names(*kernels.RESIDUAL_NAMES)
   if name == "dots_saveable":
     return cp.dots_with_no_batch_dims_saveable
+  if name == "dots_attention":
+    # Both: nothing but elementwise work (norms, RoPE, SwiGLU) is recomputed. The kernels' outputs
+    # are not dots to XLA, so "dots_saveable" alone re-runs every attention forward.
+    return cp.save_from_both_policies(
+      cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(*kernels.RESIDUAL_NAMES)
+    )
   if name == "offload":
     if jax.devices()[0].platform == "cpu":
       # CPU has no separate host memory space to offload to; keeping the dots is the same trade.
@@ -249,7 +260,7 @@ class Decoder(nnx.Module):
       out = self.embed.attend(h)
     else:
       w = self.lm_head[...].astype(h.dtype)
-      out = jnp.einsum("BLD,DV->BLV", h, w, preferred_element_type=jnp.float32)
+      out = logits_dot("BLD,DV->BLV", h, w)
     return constrain(out, ("batch", None, "act_vocab"))
 
   def __call__(self, x, positions, mask, *, logits_at=None, cache: KVCache | None = None):

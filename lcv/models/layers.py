@@ -18,6 +18,7 @@ Axis letters: B batch, S length, D model dim, F mlp dim, V vocab.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -33,6 +34,34 @@ default_init = nnx.initializers.normal(0.02)
 def dtype_of(name) -> jnp.dtype:
   """jnp dtype from a config string ("bfloat16", "float32", ...) or a dtype."""
   return jnp.dtype(name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def logits_dot(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """The LM head's matmul: `einsum(eq, x, w)` with float32 logits from compute-dtype operands.
+
+  The backward takes the logits' cotangent (softmax minus one-hot, bounded by the weights) back to
+  the operands' dtype first. Left to autodiff, the float32 cotangent promotes both backward
+  matmuls, the two largest of a small model's step at a 152K vocabulary, to float32 (TF32 on
+  Hopper, half bf16's rate); every other weight gradient of the model is a bf16 product already.
+
+  x, w: operands in one dtype, e.g. h bf16[B, L, D] and the table bf16[V, D] ("BLD,VD->BLV").
+  Returns float32 logits.
+  """
+  return jnp.einsum(eq, x, w, preferred_element_type=jnp.float32)
+
+
+def _logits_dot_fwd(eq, x, w):
+  return logits_dot(eq, x, w), (x, w)
+
+
+def _logits_dot_bwd(eq, res, ct):
+  x, w = res
+  _, vjp = jax.vjp(lambda x, w: jnp.einsum(eq, x, w), x, w)
+  return vjp(ct.astype(x.dtype))
+
+
+logits_dot.defvjp(_logits_dot_fwd, _logits_dot_bwd)
 
 
 def length_shards() -> tuple[str | None, int]:
@@ -122,4 +151,4 @@ class Embed(nnx.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """x: [B, S, D] -> logits float32[B, S, V]."""
     table = self.embedding[...].astype(self.dtype)
-    return jnp.einsum("BSD,VD->BSV", x, table, preferred_element_type=jnp.float32)
+    return logits_dot("BSD,VD->BSV", x.astype(self.dtype), table)

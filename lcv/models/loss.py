@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcv.layout import VISUAL
+from lcv.models import layers
 
 
 def next_token_targets(tokens, segment_ids, modality, *, text_weight=1.0, vision_weight=0.0):
@@ -95,9 +96,7 @@ def chunked_cross_entropy(
     w = head
     if w.shape[0] != d:
       raise ValueError(f"LM head weight {w.shape} must be [D, V] with D = {d}")
-    head = lambda h: jnp.einsum(
-      "BCD,DV->BCV", h, w.astype(h.dtype), preferred_element_type=jnp.float32
-    )
+    head = lambda h: layers.logits_dot("BCD,DV->BCV", h, w.astype(h.dtype))
   chunk = min(chunk, s)
   pad = -s % chunk
   weights = jnp.asarray(weights, jnp.float32)

@@ -18,6 +18,7 @@ Per-layer residuals by `DecoderConfig.remat` (per token, in the compute dtype):
   full           D                                 (the block input; LWM / MaxText "full")
   attention      D + N*H + 2*N                     (plus the attention output and float32 lse)
   dots_saveable  D + N*H + 2*K*H + D + 2*F + D     (matmul outputs: q, k, v, o, gate, up, down)
+  dots_attention dots_saveable + N*H + 2*N         (and the attention output and lse)
   offload        D on device; the dots go to pinned host memory (reported as `host`)
   none           every intermediate (norms, q/k/v after RoPE, attention, the SwiGLU branch)
 
@@ -110,6 +111,7 @@ def layer_residuals(cfg: DecoderConfig) -> tuple[int, int, int]:
     "full": d,
     "attention": d + attn,
     "dots_saveable": d + dots,
+    "dots_attention": d + dots + attn,
     "offload": d,
     "none": everything,
   }[cfg.remat]

@@ -78,7 +78,7 @@ def test_remat_policies_agree():
   _, _, mask, pos = _layout()
   grads = {}
   # "offload" is "dots_saveable" on CPU (no pinned host memory space), so this covers both.
-  for remat in ("none", "full", "attention", "offload"):
+  for remat in ("none", "full", "attention", "dots_attention", "offload"):
     cfg = DecoderConfig.variant("tiny", remat=remat)
     model = _model(cfg)
     graphdef, params = nnx.split(model)
@@ -150,7 +150,7 @@ def test_attention_remat_runs_each_attention_forward_once():
   forward kernel (counted in the jaxpr of the gradient: Pallas GPU kernel, interpret mode)."""
   _, _, mask, pos = _layout()
   counts = {}
-  for remat in ("full", "attention"):
+  for remat in ("full", "attention", "dots_saveable", "dots_attention"):
     cfg = DecoderConfig.variant("tiny", remat=remat, attention_impl="pallas_gpu")
     graphdef, params = nnx.split(_model(cfg))
 
@@ -159,7 +159,7 @@ def test_attention_remat_runs_each_attention_forward_once():
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, _inputs(cfg)))
     counts[remat] = jaxpr.count("name=lcv_flash_fwd")
-  assert counts == {"full": 2, "attention": 1}, counts
+  assert counts == {"full": 2, "attention": 1, "dots_saveable": 2, "dots_attention": 1}, counts
 
 
 def test_remat_policy_names():
@@ -184,3 +184,29 @@ def test_bad_inputs_raise():
     DecoderConfig.variant("llama9")
   with pytest.raises(ValueError, match="remat"):
     DecoderConfig.variant("tiny", remat="some")
+
+
+def test_logn_scaling_is_identity_up_to_its_length_and_scales_logits_beyond(monkeypatch):
+  """LogN-scaling: factor max(1, ln n / ln L) for a query seeing n keys (counted from its
+  interval, packing and frame blocks included); with L >= every row's key count the decoder is
+  unchanged, with a small L it equals attention on queries pre-multiplied by the factor."""
+  from lcv import attention
+
+  _, _, mask, pos = _layout()
+  n = np.asarray(mask.hi - mask.lo + 1)
+  want = np.where(n > 4, np.log(np.maximum(n, 1)) / np.log(4), 1.0)
+  np.testing.assert_allclose(attention.logn_scale(mask.lo, mask.hi, 4), want, rtol=1e-6)
+  assert float(attention.logn_scale(mask.lo, mask.hi, 4)[0, -1]) == 1.0  # padding row: no keys
+  base = DecoderConfig.variant("tiny")
+  x = _inputs(base)
+  run = lambda L: _run(_model(dataclasses.replace(base, logn_scale_len=L)), x, pos, mask)  # noqa: E731
+  h0, h_long, h4 = run(0), run(S), run(4)
+  np.testing.assert_array_equal(np.asarray(h_long), np.asarray(h0))
+  assert not np.allclose(np.asarray(h4), np.asarray(h0), atol=1e-4)
+  # The same model without scaling, its attention fed pre-scaled queries, is the scaled model.
+  orig = attention.attend
+  factor = jnp.asarray(want, jnp.float32)[:, :, None, None]
+  monkeypatch.setattr(attention, "attend", lambda q, *a, **kw: orig(q * factor, *a, **kw))
+  np.testing.assert_allclose(np.asarray(h4), np.asarray(run(0)), atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="logn_scale_len"):
+    DecoderConfig.variant("tiny", logn_scale_len=1)

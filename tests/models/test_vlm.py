@@ -158,6 +158,33 @@ def test_chunked_cross_entropy_matches_naive():
   np.testing.assert_allclose(g_naive, g_chunked, rtol=1e-4, atol=1e-6)
 
 
+def test_logits_dot_gradients_in_the_compute_dtype():
+  """The LM head's matmul: float32 logits as plain autodiff gives, gradients equal to it to bf16
+  precision, and no float32 matmul in the backward (the cotangent is cast down first)."""
+  from lcv.models import layers
+
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (2, 8, 16), jnp.bfloat16)
+  w = jax.random.normal(kw, (40, 16), jnp.bfloat16)
+  ct = jax.random.normal(kc, (2, 8, 40), jnp.float32)
+  plain = lambda x, w: jnp.einsum("BSD,VD->BSV", x, w, preferred_element_type=jnp.float32)  # noqa: E731
+  ours = lambda x, w: layers.logits_dot("BSD,VD->BSV", x, w)  # noqa: E731
+  out, vjp = jax.vjp(ours, x, w)
+  want, vjp_want = jax.vjp(plain, x, w)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, want)
+  for got, ref in zip(vjp(ct), vjp_want(ct)):
+    assert got.dtype == jnp.bfloat16
+    ref = np.asarray(ref, np.float32)
+    rel = np.linalg.norm(np.asarray(got, np.float32) - ref) / np.linalg.norm(ref)
+    assert rel < 1e-2, rel
+  jaxpr = str(jax.make_jaxpr(lambda x, w, ct: jax.vjp(ours, x, w)[1](ct))(x, w, ct))
+  grads = [
+    ln for ln in jaxpr.splitlines() if "dot_general" in ln and ("[2,8,16]" in ln or "[40,16]" in ln)
+  ]
+  assert len(grads) == 2 and all("bf16[" in ln for ln in grads), grads
+
+
 def test_next_token_targets_weights():
   seg = np.array([[1, 1, 1, 1, 2, 2, 0]])
   mod = np.array([[0, 1, 1, 0, 0, 0, 0]])
