@@ -213,13 +213,14 @@ def logn_scale(lo: jax.Array, hi: jax.Array, base_len: int) -> jax.Array:
   Args:
     lo, hi: int32[B, T] the queries' key intervals (`masks.TokenMask`); rows without keys have
       hi < lo and get 1.
-    base_len: the length the model was trained at, >= 2.
+    base_len: the key count from which queries are scaled (>= 2): the training length, or
+      shorter to train with the factor.
 
   Returns:
     float32[B, T].
   """
   if base_len < 2:
-    raise ValueError(f"{base_len=} must be >= 2 (the training length; log 1 = 0)")
+    raise ValueError(f"{base_len=} must be >= 2 (log 1 = 0); e.g. the training length")
   n = jnp.maximum(hi - lo + 1, 1).astype(jnp.float32)
   return jnp.maximum(jnp.log(n) / np.log(base_len), 1.0)
 

@@ -265,7 +265,7 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.logn_scale_len and self.logn_scale_len < 2:
-      raise ValueError(f"{self.logn_scale_len=} must be 0 (off) or the training length (>= 2)")
+      raise ValueError(f"{self.logn_scale_len=} must be 0 (off) or a key count >= 2 (log 1 = 0)")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"{self.num_heads=} must be a multiple of {self.num_kv_heads=} (grouped-query attention)"

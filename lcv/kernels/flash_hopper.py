@@ -18,9 +18,14 @@ mode fixed per loop. Tiles of the CTA range outside a warpgroup's own range are 
 the same barrier traffic but no math, so the two warpgroups stay in lockstep on the shared
 stages and the schedule barrier.
 
-The backward (FlashAttention-2 Alg. 2 split in two kernels, as in `flash_gpu`) follows the same
-scheme: the dQ kernel streams K/V tiles over a query tile's range, the dK/dV kernel streams
-(q, dO, lse, delta, lo, hi) tiles over a key tile's range and loops over the GQA group inside.
+The backward follows the same scheme in one of two forms (`fused_dq=`, default `FUSED_DQ`):
+- two kernels (FlashAttention-2 Alg. 2 split, as in `flash_gpu`): the dQ kernel streams K/V tiles
+  over a query tile's range, the dK/dV kernel streams (q, dO, lse, delta, lo, hi) tiles over a key
+  tile's range and loops over the GQA group inside; S and P are computed in both (7 products per
+  tile pair);
+- one kernel (FlashAttention-3's backward, appendix B): the dK/dV kernel also forms
+  dQ_partial = dS K for every (query tile, key tile) pair it visits and adds it into a float32 dQ
+  in global memory with a TMA reduce-add; dQ is scaled and cast outside (5 products per pair).
 
 Only bf16 / fp16 inputs and head dims 64 / 128 run here (`supported`); everything else goes to the
 portable kernel. On a CPU backend the kernels run in Mosaic GPU's interpreter (tests).
@@ -50,6 +55,12 @@ _WGS = 2  # consumer warpgroups per CTA
 # at H = 256 in the interpreter, so the protocol is sound and the compiled form (registers:
 # a 64 x 256 float32 accumulator per warpgroup) is the suspect; not yet diagnosed.
 HEAD_DIMS = (64, 128)
+# The backward's form when a call does not choose (`fused_dq=`): False runs the dQ and the dK/dV
+# kernels (each recomputes S and P: 7 products per tile pair); True runs one dK/dV kernel that
+# also reduce-adds dQ (5 products, FlashAttention-3 appendix B). Both pass the interpreter and
+# the GPU tests; on an H200 the fused form is the slower one (fwd + bwd 408-416 against 491-508
+# TFLOP/s at 16K-64K, benchmarks/NOTES.md): its reduce-add sits on the consumers' critical path.
+FUSED_DQ = False
 
 
 def supported(q, k) -> bool:
@@ -77,9 +88,10 @@ class _Plan:
   stages: int
   scale: float
   interpret: object
+  fused_dq: bool  # backward: one kernel with dQ reduce-added (True) or the dQ + dK/dV kernels
 
 
-def _plan(q, k, scale, interpret) -> _Plan:
+def _plan(q, k, scale, interpret, fused_dq=None) -> _Plan:
   _, t, n, h = q.shape
   s = k.shape[1]
   bk = 128 if h <= 128 else 64
@@ -101,6 +113,7 @@ def _plan(q, k, scale, interpret) -> _Plan:
     stages=2,
     scale=float(h**-0.5 if scale is None else scale),
     interpret=interpret or None,
+    fused_dq=FUSED_DQ if fused_dq is None else bool(fused_dq),
   )
 
 
@@ -150,22 +163,25 @@ def _zeros(shape, layout, interpret, fill=0.0):
   return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def _mma(acc, a, b, interpret, during=None, trans_b=False):
-  """acc + a @ b (or a @ b.T) on the tensor cores: wgmma, float32 accumulator in registers.
+def _mma(acc, a, b, interpret, during=None, trans_b=False, trans_a=False):
+  """acc + op(a) @ op(b) on the tensor cores (op: transpose where asked): wgmma, float32
+  accumulator in registers.
 
-  a: register array or smem ref, b: smem ref. `during` runs after the wgmma is issued and before
-  its result is awaited (overlap with the next tile's barrier wait). Mosaic GPU's interpreter
-  supports neither transposed wgmma operands nor accumulator updates, so there the product is a
-  plain float32 dot of the same operands: the interpreter checks the pipeline (barriers, slots,
-  ranges, masks, softmax), the GPU tests check the wgmma forms.
+  a: register array or smem ref (trans_a only for a ref), b: smem ref. `during` runs after the
+  wgmma is issued and before its result is awaited (overlap with the next tile's barrier wait).
+  Mosaic GPU's interpreter supports neither transposed wgmma operands nor accumulator updates, so
+  there the product is a plain float32 dot of the same operands: the interpreter checks the
+  pipeline (barriers, slots, ranges, masks, softmax), the GPU tests check the wgmma forms.
   """
   if interpret:
     av = a[...] if hasattr(a, "shape") and not isinstance(a, jax.Array) else a
+    av = av.T if trans_a else av
     bv = b[...].T if trans_b else b[...]
     out = acc + jnp.dot(av.astype(jnp.float32), bv.astype(jnp.float32))
     if during is not None:
       during()
     return out
+  a = plgpu.transpose_ref(a, (1, 0)) if trans_a else a
   b = plgpu.transpose_ref(b, (1, 0)) if trans_b else b
 
   def body(ref):
@@ -193,6 +209,24 @@ def _mma2(acc1, a1, b1, acc2, a2, b2, interpret, trans_b=(False, False)):
     plgpu.wgmma(refs[1], a2, t[1])
 
   return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
+
+
+def _mma_sum(acc, pairs, interpret):
+  """acc + sum of a^T @ b over (a, b) in pairs() (smem refs), issued together, one wait.
+
+  pairs is called where the refs are used: views with static indices closed over by the wgmma
+  body would enter it as constants, which Mosaic GPU's lowering does not take.
+  """
+  if interpret:
+    for a, b in pairs():
+      acc = _mma(acc, a, b, interpret, trans_a=True)
+    return acc
+
+  def body(ref):
+    for a, b in pairs():
+      plgpu.wgmma(ref, plgpu.transpose_ref(a, (1, 0)), b)
+
+  return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
 def _bcast(x, shape, dim):
@@ -498,8 +532,23 @@ def _dq(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   )
 
 
-def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
-  """Padded operands -> (dk, dv) [B, S_pad, K, H], summed over the GQA group (dk scaled)."""
+def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid, fused: bool = False):
+  """Padded operands -> (dk, dv) [B, S_pad, K, H], summed over the GQA group (dk scaled).
+
+  fused: also dQ (FlashAttention-3, arXiv 2407.08608, appendix B), returning (dq float32
+  [B, T_pad, N, H] unscaled, dk, dv). Each consumer puts its dS^T tile [64 keys, 64 queries]
+  in smem, where the dQ product reads it transposed (wgmma's M must be the query rows), and adds
+  dQ_partial = dS K into a float32 buffer in global memory with a TMA reduce-add (bulk
+  `cp.reduce.async.bulk .add`, atomic per element in L2). At H = 128 the two consumers share the
+  work as FA3 does: after a barrier on both dS^T tiles, consumer w forms columns
+  [w H/2, (w+1) H/2) of dQ over the CTA's 128 keys, so each (query tile, CTA) pair costs one
+  float32 [64, H] reduce in total and a [64, H/2] accumulator per consumer; a consumer that skips
+  the tile contributes a zero dS^T. At H = 64 (half a column block would be narrower than the
+  128-byte swizzle) each consumer adds its own [64, H] partial over its 64 keys.
+  Mosaic GPU's interpreter has no TMA reductions: there every consumer stores its partials into
+  its own slice of a [key tiles, ...] buffer (it visits each query tile of a head at most once)
+  and the slices are summed outside; the products and the staging are the same.
+  """
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
   bk, bq, st, dtype = _ROWS, p.bq_dkv, p.stages, q.dtype
@@ -507,24 +556,16 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   ranges = _cta_ranges(q_range)
   n_cta = p.s_pad // (bk * _WGS)
   c = p.scale * _LOG2E
+  split = h % (64 * _WGS) == 0  # dQ columns split between the consumers (64-column blocks)
+  hc = h // _WGS if split else h  # dQ columns per consumer
 
-  def kernel(
-    rng_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    dl_ref,
-    lo_ref,
-    hi_ref,
-    kid_ref,
-    dk_ref,
-    dv_ref,
-    scoped,
-  ):
-    (k_smem2, v_smem2, kid_smem2, q_smem, do_smem, f_smem, i_smem), bars = scoped
-    kv_bars, q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars, q_free = bars
+  def kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, *rest):
+    *rest, scoped = rest
+    dq_ref, dk_ref, dv_ref = rest if fused else (None, *rest)
+    (k_smem2, v_smem2, kid_smem2, q_smem, do_smem, f_smem, i_smem, *dq_smem) = scoped[0]
+    ds_smem2, dq_smem2 = dq_smem if fused else (None, None)
+    kv_bars, q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars, q_free, *ds_bar = scoped[1]
+    ds_ready = ds_bar[0] if ds_bar else None
     bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     tile = lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
@@ -549,8 +590,40 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         plgpu.barrier_wait(kv_bars.at[i * _WGS + wg])
       key = _vec(kid_smem, 1, p.interpret)
       w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      other = [jnp.where(wg == 0, rng[6 + i], rng[2 + i]) for i in (0, 3)]  # its tiles [first, end)
       shape = (bk, bq)
       wgmma = plgpu.Layout.WGMMA
+
+      def add_dq(gi, j, slot):
+        """dQ_partial of query tile j (head gi of the group) into the float32 buffer."""
+        dq_smem, at = dq_smem2.at[wg], (bi, pl.ds(j * bq, bq), kv_head * g + gi)
+
+        def product(pairs, cols):
+          dq = _mma_sum(_zeros((bq, hc), wgmma, p.interpret), pairs, p.interpret)
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store has read dq_smem
+          dq_smem[...] = dq
+          plgpu.commit_smem()
+          if p.interpret:
+            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(tile * _WGS + wg, *at, cols)])
+          else:
+            plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[(*at, cols)], reduction_op="add")
+
+        if not split:
+          product(lambda: [(ds_smem2.at[slot, wg], k_smem)], slice(None))
+          return
+        for cw in range(_WGS):  # static column blocks: one branch per consumer
+          cols = pl.ds(cw * hc, hc)
+          pairs = lambda c=cols: [(ds_smem2.at[slot, u], k_smem2.at[u, :, c]) for u in range(_WGS)]  # noqa: E731
+          pl.when(wg == cw)(functools.partial(product, pairs, cols))
+
+      def share_ds(ds, slot):
+        """This consumer's dS^T into smem for the dQ products; `sync` waits for the other's."""
+        ds_smem2.at[slot, wg][...] = ds
+        plgpu.commit_smem()  # visible to the tensor cores (async proxy)
+
+      def sync():
+        plgpu.barrier_arrive(ds_ready)
+        plgpu.barrier_wait(ds_ready)
 
       def step(j, carry, mode, gi):
         dk, dv = carry
@@ -559,6 +632,10 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
           plgpu.barrier_wait(bar.at[slot])
         if mode == "skip":
           plgpu.barrier_arrive(q_free.at[slot])
+          if fused and split:  # the other consumer's dQ columns still need a (zero) dS^T here
+            share_ds(_zeros(shape, wgmma, p.interpret).astype(dtype), slot)
+            sync()
+            pl.when((other[0] <= j) & (j < other[1]))(lambda: add_dq(gi, j, slot))
           return dk, dv
         q_t, do_t = q_smem.at[slot], do_smem.at[slot]
         zero = _zeros(shape, wgmma, p.interpret)
@@ -571,8 +648,14 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         pt = jnp.exp2(st_ - _bcast(_vec(f_smem.at[0, slot], 0, p.interpret), shape, 1))
         dv, dpt = _mma2(dv, pt.astype(dtype), do_t, zero, v_smem, do_t, p.interpret, (False, True))
         dst = pt * (dpt - _bcast(_vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
-        dk = _mma(dk, dst.astype(dtype), q_t, p.interpret)
+        dst = dst.astype(dtype)
+        if fused:
+          share_ds(dst, slot)
+        # dK += dS^T Q; the wait for the other consumer's dS^T overlaps it.
+        dk = _mma(dk, dst, q_t, p.interpret, during=sync if fused and split else None)
         plgpu.barrier_arrive(q_free.at[slot])
+        if fused:
+          add_dq(gi, j, slot)
         return dk, dv
 
       def head_loop(gi, carry):
@@ -581,12 +664,14 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
       zeros = _zeros((bk, h), wgmma, p.interpret)
       dk, dv = lax.fori_loop(0, g, head_loop, (zeros, zeros))
+      if fused and split:
+        sync()  # the other consumer's last dQ product has read our K tile: now it may take dK
       k_smem[...] = (dk * p.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
       plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)  # also the last dQ reduce-adds
 
     @pl.when(wg == _WGS)
     def _producer():
@@ -620,30 +705,54 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       plgpu.SMEM((2, st, bq), jnp.float32),
       plgpu.SMEM((2, st, bq), jnp.int32),
     )
+    if fused:  # dS^T per stage and consumer (bf16), dQ partial per consumer (float32)
+      smem += (_tiled_smem((st, _WGS, bk, bq), dtype), _tiled_smem((_WGS, bq, hc), jnp.float32))
     bars = (
       plgpu.Barrier(num_barriers=3 * _WGS),
       *(plgpu.Barrier(num_barriers=st) for _ in range(6)),
       plgpu.Barrier(num_arrivals=_WGS, num_barriers=st),
     )
+    if fused and split:
+      bars += (plgpu.Barrier(num_arrivals=_WGS),)  # both dS^T tiles of a step are in smem
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
 
   kv = jax.ShapeDtypeStruct(k.shape, dtype)
-  return _launch(entry, (kv, kv), (kh, n_cta, b), "kv_seq", p)(
-    ranges, q, k, v, do, lse2, delta, lo, hi, kid
+  args = (ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+  if not fused:
+    return _launch(entry, (kv, kv), (kh, n_cta, b), "kv_seq", p)(*args)
+  parts = (n_cta * _WGS,) if p.interpret else ()
+
+  @jax.jit  # a Ref in a memory space exists only under jit (also when called eagerly)
+  def fused_call(*args):
+    dq = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32), memory_space=plgpu.GMEM)
+    dk, dv = _launch(entry, (kv, kv), (kh, n_cta, b), "kv_seq", p, refs=True)(*args, dq)
+    dq = dq[...]
+    return (dq.sum(0) if p.interpret else dq), dk, dv
+
+  return fused_call(*args)
+
+
+def _launch(entry, out_type, grid, tile_axis: str, p: _Plan, refs: bool = False):
+  """One CTA per (head, tile, batch): two consumer warpgroups and a producer ("wg" axis).
+
+  refs: some operands are `jax.Ref`s the kernel writes in place (the fused backward's dQ
+  buffer). `plgpu.kernel` wraps its body in a batching rule that does not take Ref operands, so
+  these launch through `pl.kernel` on the same Mosaic GPU mesh.
+  """
+  mesh = dict(
+    grid=grid, grid_names=("heads", tile_axis, "batch"), num_threads=_WGS + 1, thread_name="wg"
   )
-
-
-def _launch(entry, out_type, grid, tile_axis: str, p: _Plan):
-  """One CTA per (head, tile, batch): two consumer warpgroups and a producer ("wg" axis)."""
+  params = plgpu.CompilerParams(approx_math=True)
+  if refs:
+    return pl.kernel(
+      entry,
+      out_type=out_type,
+      mesh=plgpu.Mesh(**mesh),
+      compiler_params=params,
+      interpret=p.interpret or False,
+    )
   return plgpu.kernel(
-    entry,
-    out_type=out_type,
-    grid=grid,
-    grid_names=("heads", tile_axis, "batch"),
-    num_threads=_WGS + 1,
-    thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True),
-    interpret=p.interpret,
+    entry, out_type=out_type, compiler_params=params, interpret=p.interpret, **mesh
   )
 
 
@@ -737,25 +846,36 @@ def _backward_impl(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
   lse2 = flash_gpu._lse2(pad(lse.astype(jnp.float32), 2, p.t_pad, -jnp.inf))
   delta = pad(delta, 2, p.t_pad)
   args = (qp, kp, vp, dop, lse2, delta, lo, hi, kid)
-  dq = _dq(p, *args)
-  dk, dv = _dkv(p, *args)
-  return dq[:, : p.t], dk[:, : p.s], dv[:, : p.s]
+  if p.fused_dq:
+    dq, dk, dv = _dkv(p, *args, fused=True)
+    dq = (dq[:, : p.t] * p.scale).astype(q.dtype)  # the float32 sum, scaled and cast once
+  else:
+    dq = _dq(p, *args)[:, : p.t]
+    dk, dv = _dkv(p, *args)
+  return dq, dk[:, : p.s], dv[:, : p.s]
 
 
-def backward(q, k, v, o, lse, do, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
-  """Gradients from the row's final (o, lse); arguments and results as `flash_gpu.backward`."""
+def backward(q, k, v, o, lse, do, q_lo, q_hi, k_idx, *, scale=None, interpret=None, fused_dq=None):
+  """Gradients from the row's final (o, lse); arguments and results as `flash_gpu.backward`.
+
+  fused_dq: the single-kernel backward (True) or the dQ + dK/dV pair (False); None takes
+  `FUSED_DQ`.
+  """
   _check(q, k, v, q_lo, q_hi, k_idx)
-  p = _plan(q, k, scale, interpret)
+  p = _plan(q, k, scale, interpret, fused_dq)
   return _backward_impl(p, q, k, v, o, lse, do, None, q_lo, q_hi, k_idx)
 
 
 _attention = with_vjp(_forward_trimmed, _backward_impl)
 
 
-def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None):
-  """Differentiable masked attention (custom VJP, lse cotangent too); as `flash_gpu.attention`."""
+def attention(q, k, v, q_lo, q_hi, k_idx, *, scale=None, interpret=None, fused_dq=None):
+  """Differentiable masked attention (custom VJP, lse cotangent too); as `flash_gpu.attention`.
+
+  fused_dq picks the backward as in `backward`.
+  """
   _check(q, k, v, q_lo, q_hi, k_idx)
-  p = _plan(q, k, scale, interpret)
+  p = _plan(q, k, scale, interpret, fused_dq)
   return _attention(q, k, v, q_lo, q_hi, k_idx, p)
 
 

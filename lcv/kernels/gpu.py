@@ -20,22 +20,23 @@ ENV = "LCV_GPU_KERNEL"  # process-wide default for `kernel=` (e.g. "portable" to
 
 
 def _pick(q, k, kernel: str | None, kwargs) -> bool:
-  """True for the Hopper kernels (then the portable kernel's `interpret` is dropped)."""
+  """True for the Hopper kernels. Drops the other kernel's options from `kwargs`: `interpret`
+  when the Hopper kernels run, `fused_dq` (the Hopper backward's form, same results) when the
+  portable one does."""
   kernel = kernel or os.environ.get(ENV, "auto")
   if kernel not in KERNELS:
     raise ValueError(f"{kernel=} (argument or ${ENV}) must be one of {KERNELS}")
-  if kernel == "portable":
-    return False
   portable_options = [o for o in ("block_sizes", "interpret") if kwargs.get(o)]
   if kernel == "hopper" and portable_options:
     raise ValueError(
       f"kernel='hopper' does not take {portable_options} (options of the portable kernel); drop "
       "them, or use kernel='portable'"
     )
-  if kernel == "auto" and (portable_options or not flash_hopper.supported(q, k)):
-    return False
-  kwargs.pop("interpret", None)
-  return True
+  hopper = kernel == "hopper" or (
+    kernel == "auto" and not portable_options and flash_hopper.supported(q, k)
+  )
+  kwargs.pop("interpret" if hopper else "fused_dq", None)
+  return hopper
 
 
 def forward(q, k, v, q_lo, q_hi, k_idx, *, kernel: str | None = None, **kwargs):

@@ -2,7 +2,9 @@
 
 On CPU the kernels run in Mosaic GPU's interpreter (threads for the warpgroups, simulated
 barriers and bulk copies; matrix products as plain dots): that checks the pipeline protocol,
-the tile ranges, the masks and the softmax on small packed inputs. The `gpu`-marked tests run
+the tile ranges, the masks and the softmax on small packed inputs, for both backwards (two
+kernels, and one with dQ reduce-added). The compiled kernels are also lowered for a CUDA target
+on the host (Mosaic GPU's lowering runs without a GPU). The `gpu`-marked tests run
 the compiled wgmma kernels on a Hopper GPU over packed layouts with 257-token frames, GQA, every
 supported head dim, zig-zag key chunks and odd lengths.
 """
@@ -29,8 +31,10 @@ def _inputs(rng, b, t, s, n, kh, h, dtype):
   return [jnp.asarray(rng.normal(size=x), dtype) for x in shapes]
 
 
-def _check(q, k, v, do, lo, hi, kid, interpret=None):
-  """Forward (o, lse) and all three gradients (through o and lse) against the dense twin."""
+def _check(q, k, v, do, lo, hi, kid, interpret=None, fused_dq=None):
+  """Forward (o, lse) and all three gradients (through o and lse) against the dense twin.
+
+  Returns (lse, (dq, dk, dv)) of the kernel."""
   tol = TOL[q.dtype.type]
 
   def loss(f):
@@ -41,7 +45,9 @@ def _check(q, k, v, do, lo, hi, kid, interpret=None):
 
     return run
 
-  kern = lambda q, k, v, *m: flash_hopper.attention(q, k, v, *m, interpret=interpret)  # noqa: E731
+  def kern(q, k, v, *m):
+    return flash_hopper.attention(q, k, v, *m, interpret=interpret, fused_dq=fused_dq)
+
   o, lse = kern(q, k, v, lo, hi, kid)
   ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
   assert o.dtype == q.dtype and lse.dtype == jnp.float32
@@ -55,6 +61,7 @@ def _check(q, k, v, do, lo, hi, kid, interpret=None):
   for name, g, w in zip("qkv", got, want):
     assert g.dtype == q.dtype and not np.isnan(np.asarray(g, np.float32)).any(), name
     assert _rel(g, w) < tol, (name, _rel(g, w))
+  return lse, got
 
 
 def test_cta_ranges_partition_the_cta_range():
@@ -101,6 +108,63 @@ def test_interpreter_zigzag_chunk_and_rows_without_keys():
   empty = np.isneginf(np.asarray(lse))[0, 0]  # rows (every head alike) with no key in the chunk
   assert empty.sum() >= c // 2, empty.sum()  # most of the first quarter (frames may straddle it)
   assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
+
+
+@pytest.mark.parametrize("h", [64, 128])
+def test_interpreter_fused_dq_backward(h):
+  """The single-kernel backward (the dK/dV kernel also sums dQ = dS K; in the interpreter as
+  per-key-tile partials added outside) on everything at once: two packed samples with 24-token
+  frames, padding rows, GQA 2:1, a zig-zag key chunk (T != S, neither a multiple of the tiles)
+  and rows that see no key of it, whose dq must be exactly zero. H = 128 splits the dQ columns
+  between the consumers (one of them often skips a tile the other needs); H = 64 does not."""
+  rng = np.random.default_rng(11)
+  t, n, kh = 200, 2, 1
+  seg, fr = _layout(rng, 1, t, 24, 2, 9)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, 1, t, t, n, kh, h, jnp.bfloat16)
+  idx = np.r_[50:100, 150:200]  # two quarters of the keys: rows before 27 see none of them
+  kid = jnp.asarray(idx[None], jnp.int32)
+  lse, (dq, _, _) = _check(q, k[:, idx], v[:, idx], do, lo, hi, kid, fused_dq=True)
+  empty = np.isneginf(lse)[0].all(0)  # rows (every head alike) with no key in the chunk
+  assert empty[:26].all() and empty[-9:].all() and not empty.all(), np.flatnonzero(empty)
+  assert np.all(np.asarray(dq, np.float32)[0, empty] == 0)
+
+
+@pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
+def test_compiled_kernels_lower_for_cuda(h):
+  """The compiled form of every kernel (wgmma, TMA, warp specialization) lowers to Mosaic GPU for
+  a CUDA target on any host: operand layouts, transposed wgmma operands, smem transforms and the
+  fused backward's TMA reduce-add are checked without a GPU (ptxas and the run are not)."""
+  b, t, n, kh = 1, 512, 2, 1
+  q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
+  ints = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
+  lse = jax.ShapeDtypeStruct((b, n, t), jnp.float32)
+
+  def lower(f, *args):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+  def fwd(q, k, v, *m):
+    return flash_hopper.forward(q, k, v, *m, interpret=False)
+
+  assert "wgmma" in lower(fwd, q, kv, kv, *ints)
+  for fused in (False, True):
+
+    def bwd(q, k, v, o, lse, do, *m, fused=fused):
+      return flash_hopper.backward(q, k, v, o, lse, do, *m, interpret=False, fused_dq=fused)
+
+    text = lower(bwd, q, kv, kv, q, lse, q, *ints)
+    assert "wgmma" in text and ("cp.reduce.async.bulk" in text) == fused
+
+
+def test_fused_dq_choice(monkeypatch):
+  """`fused_dq=` picks the backward per call; None follows the module default FUSED_DQ."""
+  q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+  assert flash_hopper._plan(q, q, None, None, True).fused_dq
+  assert not flash_hopper._plan(q, q, None, None, False).fused_dq
+  for default in (True, False):
+    monkeypatch.setattr(flash_hopper, "FUSED_DQ", default)
+    assert flash_hopper._plan(q, q, None, None).fused_dq is default
 
 
 def test_supported_and_errors():
@@ -158,6 +222,25 @@ def test_gpu_zigzag_chunks_and_empty_rows():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES[1:], ids=lambda c: f"t{c[0]}-h{c[4]}-f{c[5]}")
+def test_gpu_fused_dq_backward(case):
+  """The single-kernel backward (TMA reduce-add of dQ) against the dense twin and against the
+  two-kernel backward on packed GQA layouts with padding."""
+  t, s, n, kh, h, frame, segs, pad, dtype = case
+  rng = np.random.default_rng(t + h + 1)
+  seg, fr = _layout(rng, 1, t, frame, segs, pad)
+  lo, hi = masks.intervals(seg, fr)
+  q, k, v, do = _inputs(rng, 1, t, s, n, kh, h, dtype)
+  kid = masks.key_indices(1, s)
+  _check(q, k, v, do, lo, hi, kid, fused_dq=True)
+  o, lse = flash_hopper.forward(q, k, v, lo, hi, kid)
+  two = flash_hopper.backward(q, k, v, o, lse, do, lo, hi, kid, fused_dq=False)
+  one = flash_hopper.backward(q, k, v, o, lse, do, lo, hi, kid, fused_dq=True)
+  for name, a, b in zip("qkv", one, two):
+    assert _rel(a, b) < TOL[dtype] / 2, (name, _rel(a, b))
+
+
+@pytest.mark.gpu
 def test_gpu_same_as_portable_kernel():
   """The Hopper and the portable kernel agree on a long causal row (the dispatch is invisible)."""
   rng = np.random.default_rng(5)
@@ -188,6 +271,10 @@ def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
   assert not gpu._pick(q, k, "portable", {})
   assert gpu._pick(q, k, "hopper", {}) and gpu._pick(q, k, None, {}) == flash_hopper.supported(q, k)
   assert not gpu._pick(q, k, None, {"interpret": True})  # portable options pick the portable one
+  # The Hopper backward's form is dropped where the portable kernel runs (same results).
+  got = gpu.attention(q, k, v, lo, hi, kid, interpret=True, fused_dq=True)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
   with pytest.raises(ValueError, match="portable kernel"):
     gpu._pick(q, k, "hopper", {"block_sizes": flash_gpu.BlockSizes()})
   with pytest.raises(ValueError, match="kernel='fast'"):
