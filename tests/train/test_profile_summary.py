@@ -1,0 +1,51 @@
+"""scripts/profile_summary.py on a small hand-made Perfetto trace: only the device's stream
+events count (not the "XLA Ops" line that repeats them), kinds by kernel name, per-step times."""
+
+import gzip
+import json
+
+import pytest
+
+from tests.eval.test_scripts import load_script
+
+
+def _trace(path):
+  meta = lambda kind, pid, name, tid=None: {  # noqa: E731
+    "ph": "M", "name": kind, "pid": pid, **({"tid": tid} if tid is not None else {}),
+    "args": {"name": name},
+  }  # fmt: skip
+  x = lambda pid, tid, name, ts, dur: dict(ph="X", pid=pid, tid=tid, name=name, ts=ts, dur=dur)  # noqa: E731
+  events = [
+    meta("process_name", 1, "/device:GPU:0"),
+    meta("thread_name", 1, "Stream #14(Compute)", tid=14),
+    meta("thread_name", 1, "XLA Ops", tid=2),
+    meta("process_name", 7, "/host:CPU"),
+    x(1, 14, "entry_mosaic_gpu_kernel", 0, 3000),
+    x(1, 14, "nvjet_sm90_tst_128x160", 3000, 2000),
+    x(1, 14, "loop_add_multiply_fusion", 5000, 1000),
+    x(1, 14, "ncclDevKernel_AllReduce", 6000, 500),
+    x(1, 14, "something_else", 7500, 500),
+    x(1, 2, "fusion.1", 0, 8000),  # the same time again, as an HLO op line
+    x(7, 1, "python", 0, 99999),
+  ]
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+
+
+def test_summary_counts_stream_kernels_by_kind(tmp_path):
+  ps = load_script("profile_summary")
+  run = tmp_path / "plugins" / "profile" / "run1"
+  run.mkdir(parents=True)
+  _trace(run / "perfetto_trace.json.gz")
+  found = ps.trace_file(str(tmp_path))
+  s = ps.summarize(ps.device_events(found, "/device:"), steps=2)
+  assert s["busy_ms"] == pytest.approx(3.5) and s["span_ms"] == pytest.approx(4.0)
+  assert s["kinds"] == pytest.approx(
+    {"attention (lcv Pallas)": 1.5, "matmul": 1.0, "fusion (elementwise / reduce)": 0.5,
+     "collective": 0.25, "other": 0.25}
+  )  # fmt: skip
+  assert s["top"][0] == ("entry_mosaic_gpu_kernel", pytest.approx(1.5))
+  with pytest.raises(ValueError, match="no process named"):
+    ps.device_events(found, "/device:TPU")
+  with pytest.raises(FileNotFoundError, match="perfetto_trace"):
+    ps.trace_file(str(tmp_path / "plugins" / "nothing"))
