@@ -223,6 +223,10 @@ class ProjectorConfig:
 
 
 # --- models: decoder / vlm ---
+# `DecoderConfig.remat` values (`lcv.models.decoder.remat_policy` maps them to jax policies).
+REMAT_POLICIES = ("none", "full", "attention", "dots_saveable", "dots_attention", "offload")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """Llama / Qwen2 decoder LLM (`lcv.models.decoder`); one row of `DECODER_VARIANTS` + overrides.
@@ -275,9 +279,8 @@ class DecoderConfig:
     sections = self.rope.mrope_sections
     if sections is not None and sum(sections) != self.head_dim // 2:
       raise ValueError(f"mrope_sections {sections} must sum to {self.head_dim // 2=}")
-    policies = ("none", "full", "attention", "dots_saveable", "dots_attention", "offload")
-    if self.remat not in policies:
-      raise ValueError(f"{self.remat=}; choose one of {policies}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"{self.remat=}; choose one of {REMAT_POLICIES}")
 
   @classmethod
   def variant(cls, name: str, **overrides) -> DecoderConfig:

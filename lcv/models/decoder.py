@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcv import attention, kernels, masks, rope
-from lcv.config import DecoderConfig
+from lcv.config import REMAT_POLICIES, DecoderConfig
 from lcv.masks import TokenMask
 from lcv.models.layers import (
   MLP,
@@ -193,9 +193,6 @@ class Block(nnx.Module):
     x = x + h
     x = x + self.mlp(self.post_attn_norm(x), seq)
     return x, kv
-
-
-REMAT_POLICIES = ("none", "full", "attention", "dots_saveable", "dots_attention", "offload")
 
 
 def remat_policy(name: str):
