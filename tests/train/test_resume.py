@@ -1,4 +1,5 @@
-"""Exact resumption: SIGKILL mid-run + restart == uninterrupted; SIGTERM saves before exiting;
+"""Exact resumption: SIGKILL mid-run + restart == uninterrupted; SIGTERM saves before exiting (on
+one host of two as well: both stop at the same step);
 2 processes x 4 devices == 1 process x 8 devices. Each run is a fresh Python process."""
 
 import json
@@ -112,3 +113,33 @@ def test_two_processes_match_one(reference, tmp_path):
     for step, loss in _losses(out).items():
       # Same batches and math; only the cross-process reduction order may differ.
       assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+  """Preemption reaches one host of two: both agree (an allgather of the flag), save the same
+  step together and exit cleanly, so no host is left waiting in a collective."""
+  port = _free_port()
+  procs = [
+    _spawn(
+      tmp_path,
+      "--devices", "4",
+      "--coordinator", f"localhost:{port}",
+      "--num_processes", "2",
+      "--process_id", str(i),
+      "--step_sleep", "0.4",
+      "--checkpoint_every", "100",
+    )
+    for i in range(2)
+  ]  # fmt: skip
+  _wait_for_step(tmp_path, 3, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=180)[0] for p in procs]
+  steps = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out
+    line = next((ln for ln in out.splitlines() if ln.startswith("SIGTERM: saved step")), None)
+    assert line is not None, out
+    steps.append(int(line.split()[3]))
+  assert steps[0] == steps[1] and 3 <= steps[0] < STEPS, steps
+  saved = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  assert max(saved) == steps[0], saved
