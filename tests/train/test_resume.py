@@ -94,18 +94,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(reference, tmp_path):
+def _spawn_two_hosts(workdir, *args):
+  """Two processes x 4 CPU devices joined by `jax.distributed` on a local coordinator."""
   port = _free_port()
-  procs = [
+  return [
     _spawn(
-      tmp_path,
+      workdir,
       "--devices", "4",
       "--coordinator", f"localhost:{port}",
       "--num_processes", "2",
       "--process_id", str(i),
+      *args,
     )
     for i in range(2)
   ]  # fmt: skip
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  procs = _spawn_two_hosts(tmp_path)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
@@ -118,19 +124,7 @@ def test_two_processes_match_one(reference, tmp_path):
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
   """Preemption reaches one host of two: both agree (an allgather of the flag), save the same
   step together and exit cleanly, so no host is left waiting in a collective."""
-  port = _free_port()
-  procs = [
-    _spawn(
-      tmp_path,
-      "--devices", "4",
-      "--coordinator", f"localhost:{port}",
-      "--num_processes", "2",
-      "--process_id", str(i),
-      "--step_sleep", "0.4",
-      "--checkpoint_every", "100",
-    )
-    for i in range(2)
-  ]  # fmt: skip
+  procs = _spawn_two_hosts(tmp_path, "--step_sleep", "0.4", "--checkpoint_every", "100")
   _wait_for_step(tmp_path, 3, procs[0])
   procs[1].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=180)[0] for p in procs]
