@@ -24,7 +24,7 @@ import re
 
 # (kind, pattern on the kernel name); first match wins, so specific patterns come first.
 KINDS = (
-  ("attention (lcv Pallas)", r"lcv_flash|flash_hopper|_forward|_dkv|_dq\b|mosaic"),
+  ("attention (lcv Pallas)", r"lcv_flash|lcv_hopper|flash_hopper|_forward|_dkv|_dq\b|mosaic"),
   ("attention (cuDNN)", r"cudnn|fmha|flash_fwd|flash_bwd"),
   ("collective", r"nccl|all_reduce|all_gather|reduce_scatter|collective"),
   ("matmul", r"gemm|cublas|cutlass|nvjet|xmma|wgmma|matmul|dot"),

@@ -405,6 +405,7 @@ def _forward(p: _Plan, q, k, v, lo, hi, kid):
 
   return _launch(
     entry,
+    "lcv_hopper_fwd",
     (
       jax.ShapeDtypeStruct(q.shape, dtype),
       jax.ShapeDtypeStruct((b, n, p.t_pad), jnp.float32),
@@ -527,9 +528,9 @@ def _dq(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     )
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
 
-  return _launch(entry, jax.ShapeDtypeStruct(q.shape, dtype), (n, n_cta, b), "q_seq", p)(
-    ranges, q, k, v, do, lse2, delta, lo, hi, kid
-  )
+  return _launch(
+    entry, "lcv_hopper_dq", jax.ShapeDtypeStruct(q.shape, dtype), (n, n_cta, b), "q_seq", p
+  )(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
 
 
 def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid, fused: bool = False):
@@ -719,28 +720,35 @@ def _dkv(p: _Plan, q, k, v, do, lse2, delta, lo, hi, kid, fused: bool = False):
   kv = jax.ShapeDtypeStruct(k.shape, dtype)
   args = (ranges, q, k, v, do, lse2, delta, lo, hi, kid)
   if not fused:
-    return _launch(entry, (kv, kv), (kh, n_cta, b), "kv_seq", p)(*args)
+    return _launch(entry, "lcv_hopper_dkv", (kv, kv), (kh, n_cta, b), "kv_seq", p)(*args)
   parts = (n_cta * _WGS,) if p.interpret else ()
 
   @jax.jit  # a Ref in a memory space exists only under jit (also when called eagerly)
   def fused_call(*args):
     dq = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32), memory_space=plgpu.GMEM)
-    dk, dv = _launch(entry, (kv, kv), (kh, n_cta, b), "kv_seq", p, refs=True)(*args, dq)
+    dk, dv = _launch(entry, "lcv_hopper_dkv_dq", (kv, kv), (kh, n_cta, b), "kv_seq", p, refs=True)(
+      *args, dq
+    )
     dq = dq[...]
     return (dq.sum(0) if p.interpret else dq), dk, dv
 
   return fused_call(*args)
 
 
-def _launch(entry, out_type, grid, tile_axis: str, p: _Plan, refs: bool = False):
+def _launch(entry, name: str, out_type, grid, tile_axis: str, p: _Plan, refs: bool = False):
   """One CTA per (head, tile, batch): two consumer warpgroups and a producer ("wg" axis).
 
+  name: the kernel's name in profiles (each of the kernels has its own).
   refs: some operands are `jax.Ref`s the kernel writes in place (the fused backward's dQ
   buffer). `plgpu.kernel` wraps its body in a batching rule that does not take Ref operands, so
   these launch through `pl.kernel` on the same Mosaic GPU mesh.
   """
   mesh = dict(
-    grid=grid, grid_names=("heads", tile_axis, "batch"), num_threads=_WGS + 1, thread_name="wg"
+    grid=grid,
+    grid_names=("heads", tile_axis, "batch"),
+    num_threads=_WGS + 1,
+    thread_name="wg",
+    kernel_name=name,
   )
   params = plgpu.CompilerParams(approx_math=True)
   if refs:
@@ -750,6 +758,7 @@ def _launch(entry, out_type, grid, tile_axis: str, p: _Plan, refs: bool = False)
       mesh=plgpu.Mesh(**mesh),
       compiler_params=params,
       interpret=p.interpret or False,
+      name=name,
     )
   return plgpu.kernel(
     entry, out_type=out_type, compiler_params=params, interpret=p.interpret, **mesh
