@@ -5,7 +5,8 @@ and what they support:
 
   xla          `lcv.kernels.blockwise`: plain jnp online softmax, any platform, returns lse.
   cudnn        `jax.nn.dot_product_attention(implementation="cudnn")`: GPU only, and only for
-               masks that are plain causal with trailing padding (query/key lengths).
+               masks that are plain causal with trailing padding (query/key lengths), or full
+               (every query sees every key: a vision tower's frames).
   pallas_gpu   `lcv.kernels.gpu`: the Hopper Mosaic GPU kernels (`flash_hopper`) on sm_90 with
                bf16/fp16 and head dim 64/128, else the portable `flash_gpu` (interpret mode
                off GPU).
@@ -117,32 +118,52 @@ def _is_traced(*token_masks: masks.TokenMask) -> bool:
   return False
 
 
+def full_mask(q_mask: masks.TokenMask, kv_mask: masks.TokenMask) -> bool:
+  """True if every query may see every key (one bidirectional segment, no padding), the vision
+  tower's mask. Needs concrete (not traced) masks."""
+  lo, hi, _ = (np.asarray(x) for x in q_mask)
+  k_idx = np.asarray(kv_mask.index)
+  s = k_idx.shape[1]
+  return bool((k_idx == np.arange(s)).all() and (lo == 0).all() and (hi == s - 1).all())
+
+
 @register("cudnn")
-def _cudnn(q, k, v, q_mask, kv_mask, *, scale, causal_only: bool = False):
-  """cuDNN flash attention for plain causal masks with padding; ValueError for anything else.
+def _cudnn(q, k, v, q_mask, kv_mask, *, scale, causal_only: bool = False, full_only: bool = False):
+  """cuDNN flash attention for plain causal masks with padding, or full masks; ValueError for
+  anything else.
 
   Under jit the masks are traced and cannot be checked: pass causal_only=True to assert that they
-  are plain causal (segment 1 then padding, natural order), else this raises.
+  are plain causal (segment 1 then padding, natural order), or full_only=True that every query
+  sees every key; else this raises.
   """
-  if _is_traced(q_mask, kv_mask):
+  if causal_only and full_only:
+    raise ValueError("pass at most one of causal_only=True and full_only=True")
+  traced = _is_traced(q_mask, kv_mask)
+  full = full_only or (not traced and full_mask(q_mask, kv_mask))
+  if full:
+    lengths = None
+  elif traced:
     if not causal_only:
       raise ValueError(
-        "impl='cudnn' must check that the mask is plain causal, but the mask is traced (under "
-        "jit): pass causal_only=True if it is, or use impl='pallas_gpu' or 'xla'"
+        "impl='cudnn' must check that the mask is plain causal or full, but the mask is traced "
+        "(under jit): pass causal_only=True or full_only=True if it is, or use "
+        "impl='pallas_gpu' or 'xla'"
       )
     lengths = jnp.sum(q_mask.hi >= q_mask.lo, axis=1, dtype=jnp.int32)
   else:
     lengths = causal_lengths(q_mask, kv_mask)
     if lengths is None:
       raise ValueError(
-        "impl='cudnn' supports plain causal masks with trailing padding only; frame_bidirectional "
-        "masks / packing (several segments per row) / reordered tokens need impl='pallas_gpu' or "
-        "'xla'"
+        "impl='cudnn' supports plain causal masks with trailing padding and full masks only; "
+        "frame_bidirectional masks / packing (several segments per row) / reordered tokens need "
+        "impl='pallas_gpu' or 'xla'"
       )
   if jax.default_backend() != "gpu":
     raise ValueError(
       f"impl='cudnn' needs a CUDA GPU, the platform is {jax.default_backend()!r}: use impl='xla'"
     )
+  if full:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
   o = jax.nn.dot_product_attention(
     q,
     k,
@@ -162,7 +183,7 @@ def _auto(q_mask, kv_mask, prefer_cudnn: bool) -> str:
   platform = jax.default_backend()
   if platform == "gpu":
     if prefer_cudnn and not _is_traced(q_mask, kv_mask):
-      if causal_lengths(q_mask, kv_mask) is not None:
+      if causal_lengths(q_mask, kv_mask) is not None or full_mask(q_mask, kv_mask):
         return "cudnn"
     name = "pallas_gpu"
   elif platform == "tpu":

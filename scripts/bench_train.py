@@ -9,7 +9,8 @@ Each row is one packed sequence of S tokens, mostly video (frames of 144 tokens:
 positions. The vision tower is frozen (the long-context stage trains the projector and the LLM, as
 LongVA / LWM do), so it costs its forward pass only and MFU counts it that way. Model FLOPs count
 attention by the mask's real density (`lcv.train.flops`). Prints a table, then one JSON line per
-sequence length (also appended to --out).
+sequence length (also appended to --out). Each row also times the tower's forward alone
+(`tower_s`, the same jitted encode of the same frames), so the step splits into tower and LLM.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full"):
+def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full", vision_attention="auto"):
   from lcv.config import (
     DataConfig,
     DecoderConfig,
@@ -41,7 +42,9 @@ def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full"):
     decoder = DecoderConfig.variant("tiny", remat=remat)
     projector = ProjectorConfig(in_dim=vision.width, out_dim=decoder.embed_dim)
   else:
-    vision = VisionConfig.variant("clip_l14_336", dtype="bfloat16", frame_chunk=32)
+    vision = VisionConfig.variant(
+      "clip_l14_336", dtype="bfloat16", frame_chunk=32, attention_impl=vision_attention
+    )
     base = DecoderConfig.variant(llm)
     decoder = dataclasses.replace(base, remat=remat, dtype="bfloat16")
     projector = ProjectorConfig(
@@ -72,10 +75,17 @@ def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full"):
 
 
 def bench(
-  llm: str, seq_len: int, steps: int, smoke: bool, remat: str = "full", profile: str | None = None
+  llm: str,
+  seq_len: int,
+  steps: int,
+  smoke: bool,
+  remat: str = "full",
+  profile: str | None = None,
+  vision_attention: str = "auto",
 ) -> dict:
   import jax
   import numpy as np
+  from flax import nnx
 
   from lcv.data import feeding, pipeline
   from lcv.models import decoder as decoder_lib
@@ -85,7 +95,7 @@ def bench(
   from lcv.train import step as step_lib
   from lcv.train import task as task_lib
 
-  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke, remat)
+  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke, remat, vision_attention)
   mesh = mesh_lib.make_mesh(mesh_cfg)
   task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg)
   setup = state_lib.setup(task.model_fn, train_cfg.optimizer, train_cfg.steps, mesh, task.rules)
@@ -112,6 +122,16 @@ def bench(
       state, m = jitted(state, batch)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
+    tower = jax.jit(
+      lambda params, rest, pixels: nnx.merge(setup.graphdef, params, rest).encode_media(pixels)
+    )
+    pixels = batch["pixels"].astype(jax.numpy.float32) / 255.0  # as the loss feeds the tower
+    jax.block_until_ready(tower(state["params"], state["rest"], pixels))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      out = tower(state["params"], state["rest"], pixels)
+    jax.block_until_ready(out)
+    tower_s = (time.perf_counter() - t0) / steps
     if profile:
       # Two more steps under the profiler (Perfetto JSON too: `scripts/profile_summary.py`).
       with jax.profiler.trace(profile, create_perfetto_trace=True):
@@ -135,6 +155,8 @@ def bench(
     "frames": int(train_cfg.data.frames_per_row),
     "mask_density": round(density, 4),
     "step_s": step_s,
+    "tower_s": tower_s,
+    "vision_attention": vision_attention,
     "compile_s": compile_s,
     "tokens_per_s": seq_len / step_s,
     "model_tflops_per_step": flops / 1e12,
@@ -160,6 +182,9 @@ def main(argv=None):
     choices=("none", "full", "attention", "dots_saveable", "dots_attention", "offload"),
     help="policy",
   )
+  parser.add_argument(
+    "--vision_attention", default="auto", help="the tower's attention impl: auto | cudnn | xla ..."
+  )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--profile", default=None, help="trace two extra steps into this dir")
   args = parser.parse_args(argv)
@@ -167,14 +192,26 @@ def main(argv=None):
   default = "256,512" if args.smoke else "8192,32768,131072"
   seqs = [int(s) for s in (args.seq or default).split(",")]
   rows = [
-    bench(args.llm, s, args.steps, args.smoke, args.remat, args.profile and f"{args.profile}/{s}")
+    bench(
+      args.llm,
+      s,
+      args.steps,
+      args.smoke,
+      args.remat,
+      args.profile and f"{args.profile}/{s}",
+      args.vision_attention,
+    )
     for s in seqs
   ]
-  print(f"{'S':>8} {'frames':>6} {'step s':>8} {'tokens/s':>10} {'TFLOP/step':>10} {'MFU':>6}")
+  print(
+    f"{'S':>8} {'frames':>6} {'step s':>8} {'tower s':>8} {'tokens/s':>10} {'TFLOP/step':>10} "
+    f"{'MFU':>6}"
+  )
   for r in rows:
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     print(
-      f"{r['seq_len']:>8} {r['frames']:>6} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+      f"{r['seq_len']:>8} {r['frames']:>6} {r['step_s']:>8.3f} {r['tower_s']:>8.3f} "
+      f"{r['tokens_per_s']:>10.0f} "
       f"{r['model_tflops_per_step']:>10.1f} {mfu:>6}"
     )
   for r in rows:

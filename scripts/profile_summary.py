@@ -10,6 +10,11 @@ durations by kernel name and by kind (the first pattern of `KINDS` that matches 
 time is busy time on the device's streams; "span" is first start to last end, so span minus busy
 is time the device sat idle (host-bound launches, synchronisation). Prints a table; --json prints
 one JSON object instead.
+
+With --hlo, kernel time is also attributed to the source lines that made it: XLA's optimised HLO
+(dumped by `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`) gives each HLO instruction
+its `op_name` and source line; the trace's "XLA Ops" line times each instruction. Rows are (pass,
+source line, primitive), "bwd" where the op_name holds `transpose(` (autodiff's backward).
 """
 
 from __future__ import annotations
@@ -78,14 +83,15 @@ def kind_of(name: str) -> str:
 
 
 def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
-  """Milliseconds per step: span, busy, by kind, and the `top` kernels."""
+  """Milliseconds per step: span, busy, by kind, and the `top` kernels (name, ms, launches)."""
   if not events:
     raise ValueError("the trace holds no device events (was anything run inside the trace?)")
   start = min(e["ts"] for e in events)
   end = max(e["ts"] + e.get("dur", 0.0) for e in events)
-  by_name, by_kind = collections.Counter(), collections.Counter()
+  by_name, by_kind, calls = collections.Counter(), collections.Counter(), collections.Counter()
   for e in events:
     by_name[e["name"]] += e.get("dur", 0.0)
+    calls[e["name"]] += 1
     by_kind[kind_of(e["name"])] += e.get("dur", 0.0)
   ms = lambda us: us / 1e3 / steps  # noqa: E731
   busy = sum(by_kind.values())
@@ -93,8 +99,104 @@ def summarize(events: list[dict], steps: int = 1, top: int = 15) -> dict:
     "span_ms": ms(end - start),
     "busy_ms": ms(busy),
     "kinds": {k: ms(v) for k, v in by_kind.most_common()},
-    "top": [(n[:90], ms(v)) for n, v in by_name.most_common(top)],
+    "top": [(n[:90], ms(v), calls[n] / steps) for n, v in by_name.most_common(top)],
   }
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{([^}]*)\}")
+_OPCODE = re.compile(r"=\s*(?:\([^=]*?\)|\S+)\s+([\w\-]+)\(")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+_TABLE_ROW = re.compile(r'^(\d+)\s+(?:"(.*)"|\{(.*)\})\s*$')
+
+
+def _parse_module(lines) -> dict[str, dict[str, str]]:
+  """{instruction: metadata} of one HLO module's text, `stack_frame_id` resolved to `source`
+  (the innermost frame's file:line function) through the module's FileNames / FunctionNames /
+  FileLocations / StackFrames tables (newer XLA); older dumps carry source_file / source_line."""
+  tables, table, out = collections.defaultdict(dict), None, {}
+  for line in lines:
+    head = line.strip()
+    if head in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+      table = head
+      continue
+    row = _TABLE_ROW.match(head) if table else None
+    if row:
+      value = row.group(2)
+      if value is None:
+        value = {k: v for k, v in _FIELD.findall(row.group(3))}
+      tables[table][row.group(1)] = value
+      continue
+    table = None if head else table
+    m = _INSTRUCTION.match(line)
+    if m and m.group(1) not in out:
+      meta = {k: v.strip('"') for k, v in _FIELD.findall(m.group(2))}
+      opcode, target = _OPCODE.search(line), _TARGET.search(line)
+      meta["what"] = " ".join(
+        x for x in (m.group(1), opcode and opcode.group(1), target and target.group(1)) if x
+      )
+      out[m.group(1)] = meta
+  for meta in out.values():
+    frame = tables["StackFrames"].get(meta.get("stack_frame_id", ""))
+    loc = frame and tables["FileLocations"].get(frame.get("file_location_id", ""))
+    if loc:
+      file = tables["FileNames"].get(loc.get("file_name_id", ""), "?")
+      func = tables["FunctionNames"].get(loc.get("function_name_id", ""), "?")
+      meta["source"] = f"{os.path.basename(file)}:{loc.get('line', '?')} {func}"
+    elif "source_file" in meta:
+      meta["source"] = f"{os.path.basename(meta['source_file'])}:{meta.get('source_line', '?')}"
+  return out
+
+
+def hlo_metadata(path: str) -> dict[str, dict[str, str]]:
+  """{instruction name: its metadata fields (+ "source")} of every optimised-HLO text file under
+  `path` (or the file itself): `*after_optimizations.txt` of an XLA dump."""
+  files = (
+    [path]
+    if os.path.isfile(path)
+    else glob.glob(os.path.join(path, "**", "*after_optimizations.txt"), recursive=True)
+  )
+  if not files:
+    raise FileNotFoundError(
+      f"no *after_optimizations.txt under {path!r}; dump with "
+      'XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"'
+    )
+  out = {}
+  for name in sorted(files, key=os.path.getsize):  # the biggest module (the step) wins a clash
+    with open(name) as f:
+      out.update(_parse_module(f))
+  return out
+
+
+def source_of(meta: dict[str, str] | None) -> str:
+  """'fwd|bwd file:line function primitive' of one instruction ('?' where it has no metadata)."""
+  if not meta:
+    return "? (no metadata)"
+  op = meta.get("op_name", "")
+  step = "bwd" if "transpose(" in op else "fwd"
+  return f"{step} {meta.get('source', '?')} {op.rsplit('/', 1)[-1][:40]}"
+
+
+def leaves(events: list[dict]) -> list[dict]:
+  """The events that contain no other event of their thread (the "XLA Ops" line nests a loop's
+  body ops inside the loop op; only the innermost carry the time once)."""
+  out, ordered = [], sorted(events, key=lambda e: (e.get("tid"), e["ts"], -e.get("dur", 0.0)))
+  for e, nxt in zip(ordered, ordered[1:] + [None]):
+    inner = nxt and nxt.get("tid") == e.get("tid") and nxt["ts"] < e["ts"] + e.get("dur", 0.0)
+    if not inner:
+      out.append(e)
+  return out
+
+
+def by_source(op_events: list[dict], metadata: dict, steps: int = 1, top: int = 25) -> list:
+  """[(source row, kind, ms per step)] of the `top` rows: the "XLA Ops" line's innermost events
+  (named by their HLO instruction) matched to the optimised HLO's metadata."""
+  acc = collections.Counter()
+  for e in leaves(op_events):
+    op = re.split(r"[\s=]", e["name"].lstrip("%"), maxsplit=1)[0]
+    meta = metadata.get(op)
+    acc[(source_of(meta), kind_of(meta["what"] if meta else op))] += e.get("dur", 0.0)
+  return [(row, kind, us / 1e3 / steps) for (row, kind), us in acc.most_common(top)]
 
 
 def main(argv=None):
@@ -104,8 +206,13 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=1, help="steps in the trace (per-step times)")
   parser.add_argument("--top", type=int, default=15)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--hlo", default=None, help="XLA dump dir: attribute time to source lines")
   args = parser.parse_args(argv)
-  s = summarize(device_events(trace_file(args.path), args.device), args.steps, args.top)
+  events = device_events(trace_file(args.path), args.device)
+  s = summarize(events, args.steps, args.top)
+  if args.hlo:
+    ops = device_events(trace_file(args.path), args.device, thread="XLA Ops")
+    s["sources"] = by_source(ops, hlo_metadata(args.hlo), args.steps, args.top)
   if args.json:
     print(json.dumps(s))
     return s
@@ -114,8 +221,12 @@ def main(argv=None):
   for kind, t in s["kinds"].items():
     print(f"  {kind:<32} {t:9.1f} ms  {t / busy:6.1%}")
   print("top kernels:")
-  for name, t in s["top"]:
-    print(f"  {t:9.1f} ms  {name}")
+  for name, t, n in s["top"]:
+    print(f"  {t:9.1f} ms  {n:6g} x  {name}")
+  if "sources" in s:
+    print("by source (pass, file:line, primitive):")
+    for row, kind, t in s["sources"]:
+      print(f"  {t:9.1f} ms  {kind.split(' ')[0]:<10} {row}")
   return s
 
 

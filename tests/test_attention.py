@@ -185,6 +185,45 @@ def test_cudnn_rejects_masked_layouts_and_cpu():
         run(arg)
 
 
+def test_cudnn_full_masks():
+  """A vision tower's mask (every query sees every key) is cuDNN's other supported case: found on
+  the host for concrete masks, asserted with full_only=True under jit."""
+  s = 16
+  q, k, v = _qkv(2, s, s, 2, 2, 8, jnp.bfloat16)
+  ones, zeros = np.ones((2, s), np.int32), np.zeros((2, s), np.int32)
+  full = _token_mask(ones, zeros)  # one bidirectional frame per row
+  causal, text = pack([[[("text", s)]], [[("text", s)]]], s)
+  assert attention.full_mask(full, full)
+  assert not attention.full_mask(*(_token_mask(causal, text),) * 2)
+  padded, frame = pack([[[("image", 12)]], [[("image", s)]]], s)
+  assert not attention.full_mask(*(_token_mask(padded, frame),) * 2)  # padding: not full
+  with pytest.raises(ValueError, match="at most one"):
+    attention.attend(q, k, v, mask=full, impl="cudnn", causal_only=True, full_only=True)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+      attention.attend(q, k, v, mask=full, impl="cudnn")
+    hinted = jax.jit(lambda m: attention.attend(q, k, v, mask=m, impl="cudnn", full_only=True))
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+      hinted(full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["full", "causal"])
+def test_cudnn_matches_xla_on_gpu(layout):
+  """cuDNN's two supported masks against the reference (bf16, GQA, a non-multiple-of-64 length
+  like a 577-token CLIP frame)."""
+  b, s = 3, 577
+  q, k, v = _qkv(b, s, s, 4, 2, 64, jnp.bfloat16)
+  if layout == "full":
+    seg, frame = np.ones((b, s), np.int32), np.zeros((b, s), np.int32)
+  else:
+    seg, frame = pack([[[("text", s)]], [[("text", 300)]], [[("text", s)]]], s)
+  mask = _token_mask(seg, frame)
+  got = attention.attend(q, k, v, mask=mask, impl="cudnn")
+  want = attention.attend(q, k, v, mask=mask, impl="xla")
+  np.testing.assert_allclose(np.float32(got), np.float32(want), atol=2e-2, rtol=2e-2)
+
+
 def test_bad_arguments_raise():
   q, k, v = _qkv(1, 8, 8, 2, 1, 8)
   seg = np.ones((1, 8), np.int32)

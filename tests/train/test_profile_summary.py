@@ -44,8 +44,58 @@ def test_summary_counts_stream_kernels_by_kind(tmp_path):
     {"attention (lcv Pallas)": 1.5, "matmul": 1.0, "fusion (elementwise / reduce)": 0.5,
      "collective": 0.25, "other": 0.25}
   )  # fmt: skip
-  assert s["top"][0] == ("entry_mosaic_gpu_kernel", pytest.approx(1.5))
+  assert s["top"][0] == ("entry_mosaic_gpu_kernel", pytest.approx(1.5), 0.5)
   with pytest.raises(ValueError, match="no process named"):
     ps.device_events(found, "/device:TPU")
   with pytest.raises(FileNotFoundError, match="perfetto_trace"):
     ps.trace_file(str(tmp_path / "plugins" / "nothing"))
+
+
+_HLO = """HloModule jit_step, is_scheduled=true
+
+FileNames
+1 "/src/lcv/models/decoder.py"
+
+FunctionNames
+1 "mlp"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=42 end_line=42 column=6 end_column=20}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+
+ENTRY %main.1 (x.1: bf16[8]) -> bf16[8] {
+  %x.1 = bf16[8]{0} parameter(0), metadata={op_name="x"}
+  %gemm.3 = bf16[8]{0} custom-call(%x.1), custom_call_target="__cublas$gemm", {META1}
+  ROOT %loop_add_multiply_fusion = bf16[8]{0} fusion(%gemm.3), kind=kLoop, calls=%f, {META2}
+}
+""".replace("{META1}", 'metadata={op_name="jit(step)/jvp(f)/dot_general" stack_frame_id=1}')
+_HLO = _HLO.replace(
+  "{META2}", 'metadata={op_name="jit(step)/transpose(jvp(f))/mul" stack_frame_id=1}'
+)
+
+
+def test_time_by_source_line(tmp_path):
+  """--hlo: the "XLA Ops" line's innermost events (a loop op holding its body's ops counts once)
+  matched to the optimised HLO's instructions, rows named by innermost stack frame and pass."""
+  ps = load_script("profile_summary")
+  (tmp_path / "module_0001.jit_step.sm_90_gpu_after_optimizations.txt").write_text(_HLO)
+  meta = ps.hlo_metadata(str(tmp_path))
+  assert meta["gemm.3"]["source"] == "decoder.py:42 mlp"
+  assert meta["gemm.3"]["what"] == "gemm.3 custom-call __cublas$gemm"
+  x = lambda name, ts, dur: dict(ph="X", tid=2, name=name, ts=ts, dur=dur)  # noqa: E731
+  events = [
+    x("while.7", 0, 4500),  # the loop: holds the three below
+    x("gemm.3", 0, 3000),
+    x("loop_add_multiply_fusion", 3000, 1000),
+    x("custom-call.9", 4000, 500),
+  ]
+  rows = ps.by_source(events, meta, steps=1)
+  assert rows == [
+    ("fwd decoder.py:42 mlp dot_general", "matmul", pytest.approx(3.0)),
+    ("bwd decoder.py:42 mlp mul", "fusion (elementwise / reduce)", pytest.approx(1.0)),
+    ("? (no metadata)", "other", pytest.approx(0.5)),
+  ]
+  with pytest.raises(FileNotFoundError, match="xla_dump_to"):
+    ps.hlo_metadata(str(tmp_path / "none"))
