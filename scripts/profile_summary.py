@@ -194,7 +194,11 @@ def by_source(op_events: list[dict], metadata: dict, steps: int = 1, top: int = 
   acc = collections.Counter()
   for e in leaves(op_events):
     op = re.split(r"[\s=]", e["name"].lstrip("%"), maxsplit=1)[0]
-    meta = metadata.get(op)
+    hlo_op = (e.get("args") or {}).get("hlo_op", "")
+    # Kernels run inside a command buffer are named for their fusion, "." turned into "_"
+    # (loop_add_fusion.19 -> loop_add_fusion_19); others carry their instruction as hlo_op.
+    names = (op, re.sub(r"_(\d+)$", r".\1", op), hlo_op)
+    meta = next((metadata[n] for n in names if n in metadata), None)
     acc[(source_of(meta), kind_of(meta["what"] if meta else op))] += e.get("dur", 0.0)
   return [(row, kind, us / 1e3 / steps) for (row, kind), us in acc.most_common(top)]
 

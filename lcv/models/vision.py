@@ -139,9 +139,12 @@ class Block(nnx.Module):
     # Patch axes stay unsharded (None, not "length"): an image's 577 tokens are short, rarely
     # divide the context axis, and frames already spread over "batch".
     q, k, v = (constrain(t, ("frames", None, "act_heads", None)) for t in (q, k, v))
+    impl = cfg.attention_impl
+    if impl == "auto" and jax.default_backend() == "gpu" and x.dtype in (jnp.bfloat16, jnp.float16):
+      impl = "cudnn"
     # cuDNN cannot inspect a traced mask; this one is full by construction (`__call__`).
-    full = {"full_only": True} if cfg.attention_impl == "cudnn" else {}
-    o = attention.attend(q, k, v, mask=mask, kv_mask=mask, impl=cfg.attention_impl, **full)
+    full = {"full_only": True} if impl == "cudnn" else {}
+    o = attention.attend(q, k, v, mask=mask, kv_mask=mask, impl=impl, **full)
     x = x + jnp.einsum("BPNH,NHD->BPD", o, cast(self.o_kernel)) + cast(self.o_bias)
     y = layer_norm(x, self.ln2_scale[...], self.ln2_bias[...], cfg.norm_eps)
     y = jnp.einsum("BPD,DF->BPF", y, cast(self.fc1_kernel)) + cast(self.fc1_bias)

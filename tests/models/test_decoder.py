@@ -162,6 +162,33 @@ def test_attention_remat_runs_each_attention_forward_once():
   assert counts == {"full": 2, "attention": 1, "dots_saveable": 2, "dots_attention": 1}, counts
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("remat", ["none", "attention", "dots_attention", "full"])
+def test_compiled_step_runs_each_attention_forward_once(remat):
+  """What XLA compiles, not just the jaxpr: one forward kernel call per layer when (o, lse) are
+  saved (XLA's dynamic-slice fusion once cloned it to write the scan's residual stack), two with
+  full remat (the backward's recompute). Hopper-kernel shapes (bf16, head dim 128), 4 layers."""
+  seg = jnp.ones((1, 512), jnp.int32)
+  mask = masks.token_mask(seg, jnp.full((1, 512), -1, jnp.int32))
+  cfg = DecoderConfig.variant(
+    "tiny", remat=remat, dtype="bfloat16", head_dim=128, num_layers=4, embed_dim=256
+  )
+  graphdef, params = nnx.split(_model(cfg))
+  x = jax.random.normal(jax.random.key(0), (1, 512, cfg.embed_dim), jnp.bfloat16)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x, positions.one_d(seg), mask)
+    return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+  hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+  calls = [
+    line
+    for line in hlo.splitlines()
+    if "custom-call(" in line and ("lcv_hopper_fwd" in line or "lcv_flash_fwd" in line)
+  ]
+  assert len(calls) == (2 if remat == "full" else 1), calls
+
+
 def test_remat_policy_names():
   cp = jax.checkpoint_policies
   assert decoder.remat_policy("dots_saveable") is cp.dots_with_no_batch_dims_saveable

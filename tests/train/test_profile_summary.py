@@ -68,7 +68,7 @@ StackFrames
 ENTRY %main.1 (x.1: bf16[8]) -> bf16[8] {
   %x.1 = bf16[8]{0} parameter(0), metadata={op_name="x"}
   %gemm.3 = bf16[8]{0} custom-call(%x.1), custom_call_target="__cublas$gemm", {META1}
-  ROOT %loop_add_multiply_fusion = bf16[8]{0} fusion(%gemm.3), kind=kLoop, calls=%f, {META2}
+  ROOT %loop_add_multiply_fusion.2 = bf16[8]{0} fusion(%gemm.3), kind=kLoop, calls=%f, {META2}
 }
 """.replace("{META1}", 'metadata={op_name="jit(step)/jvp(f)/dot_general" stack_frame_id=1}')
 _HLO = _HLO.replace(
@@ -88,7 +88,7 @@ def test_time_by_source_line(tmp_path):
   events = [
     x("while.7", 0, 4500),  # the loop: holds the three below
     x("gemm.3", 0, 3000),
-    x("loop_add_multiply_fusion", 3000, 1000),
+    x("loop_add_multiply_fusion_2", 3000, 1000),  # a command buffer's kernel: "." -> "_"
     x("custom-call.9", 4000, 500),
   ]
   rows = ps.by_source(events, meta, steps=1)
