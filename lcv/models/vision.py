@@ -238,11 +238,12 @@ class VisionEncoder(nnx.Module):
       x = layer_norm(x, self.pre_norm_scale[...], self.pre_norm_bias[...], cfg.norm_eps)
     return x
 
-  def __call__(self, pixels: jax.Array) -> jax.Array:
+  def __call__(self, pixels: jax.Array, *, unroll: bool = False) -> jax.Array:
     """Features of images.
 
     Args:
       pixels: float[B, Hpx, Wpx, C], already normalised with the checkpoint's mean / std.
+      unroll: unroll the loop over blocks (`encode_frames` does, see there).
 
     Returns:
       float[B, P, D] in cfg.dtype: the `feature_layer` hidden state (post-normed when
@@ -263,7 +264,7 @@ class VisionEncoder(nnx.Module):
 
       if cfg.remat:
         body = jax.checkpoint(body)
-      x, _ = jax.lax.scan(body, x, params)
+      x, _ = jax.lax.scan(body, x, params, unroll=unroll)
     if cfg.post_norm:
       x = layer_norm(x, self.post_norm_scale[...], self.post_norm_bias[...], cfg.norm_eps)
     if cfg.class_token and not cfg.keep_class_token:
@@ -300,7 +301,10 @@ class VisionEncoder(nnx.Module):
 
     def one(chunk_pixels):
       chunk_pixels = constrain(chunk_pixels, ("frames", None, None, None))
-      out = nnx.merge(graph, state)(chunk_pixels)
+      # Blocks unrolled: each block's weights are then static slices of loop-invariant arrays,
+      # which XLA hoists out of this frame loop. Rolled, every (chunk, block) step sliced them
+      # afresh: ~11 device copies per step, 2,000 per 32K training step (39 ms, H200).
+      out = nnx.merge(graph, state)(chunk_pixels, unroll=True)
       return out if fn is None else fn(out)
 
     out = jax.lax.map(one, frames)
