@@ -130,6 +130,72 @@ def test_interpreter_fused_dq_backward(h):
   assert np.all(np.asarray(dq, np.float32)[0, empty] == 0)
 
 
+# Forward variants (`flash_hopper.forward` keyword arguments): each must give the same function.
+FWD_OPTIONS = [
+  {"schedule": "handoff", "fold_scale": True, "lean_sync": True},
+  {"schedule": "paired"},
+  {"schedule": "overlap", "fold_scale": True},
+  {"schedule": "paired", "fold_scale": True, "block_kv": 64, "stages": 3},
+]
+# In the interpreter "overlap" runs the same steps as "paired" (it differs only in when the wgmma
+# results are awaited): lowering it for CUDA is its check here.
+FWD_OPTIONS_INTERPRETED = [o for o in FWD_OPTIONS if o.get("schedule") != "overlap"]
+
+
+def _options_id(o):
+  return "-".join(f"{k}={v}" for k, v in o.items())
+
+
+@pytest.mark.parametrize("options", FWD_OPTIONS_INTERPRETED, ids=_options_id)
+def test_interpreter_forward_options(options):
+  """Every forward variant in the interpreter on one row that holds all layouts: a sample of
+  causal text, 27-token frames (frame-block-causal) and text; a packed second sample with a
+  24-token frame; padding rows; and a key chunk (S != T, not a multiple of the tiles) that the
+  first rows do not see (o = 0, lse = -inf there). The paired schedules carry a tile's PV into
+  the next tile's turn; here consumers' own tiles start after their CTA's (rows 320-383), end
+  before them (rows 256-319) and hold a run of unmasked tiles (rows 192-255)."""
+  rng = np.random.default_rng(21)
+  t, h = 384, 64
+  seg = np.repeat(np.int32([1, 2, 0]), [300, 60, 24])[None]
+  fr = np.full((1, t), -1, np.int32)
+  fr[0, 100:262] = np.arange(162) // 27
+  fr[0, 320:344] = 0
+  lo, hi = masks.intervals(seg, fr)
+  idx = np.r_[32:224, 256:384]  # rows 0-31 see none of these keys
+  kid = jnp.asarray(idx[None], jnp.int32)
+  q, k, v, _ = _inputs(rng, 1, t, t, 1, 1, h, jnp.bfloat16)
+  k, v = k[:, idx], v[:, idx]
+  o, lse = flash_hopper.forward(q, k, v, lo, hi, kid, **options)
+  ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
+  assert o.dtype == q.dtype and lse.dtype == jnp.float32
+  assert _rel(o, ro) < TOL[jnp.bfloat16], _rel(o, ro)
+  lse, rlse = np.asarray(lse), np.asarray(rlse)
+  empty = np.isneginf(rlse)[0, 0]
+  assert empty[:32].all() and empty[-24:].all() and not empty[32:360].any()
+  assert np.array_equal(np.isneginf(lse), np.isneginf(rlse))
+  np.testing.assert_allclose(lse[~np.isneginf(rlse)], rlse[~np.isneginf(rlse)], atol=2e-2)
+  assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
+
+
+def test_forward_options_checked():
+  """Bad forward variants raise before tracing, naming the value and the fix."""
+  q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
+  lo = hi = jnp.zeros((1, 8), jnp.int32)
+  bad = [
+    ({"schedule": "pingpong"}, "must be one of"),
+    ({"block_kv": 96}, "64 or 128"),
+    ({"stages": 1}, ">= 2"),
+    ({"stages": 3}, "block_kv=64"),  # 3 stages of 128 x 128 K and V tiles overflow smem
+    ({"fold_scale": True, "scale": -1.0}, "scale > 0"),
+  ]
+  for options, match in bad:
+    with pytest.raises(ValueError, match=match):
+      flash_hopper.forward(q, q, q, lo, hi, lo, **options)
+  p = flash_hopper._forward_options(flash_hopper._plan(q, q, None, None), None, None, 64, 3)
+  assert (p.bk, p.stages, p.schedule) == (64, 3, flash_hopper.FWD_SCHEDULE)
+  assert (p.fold_scale, p.lean_sync) == (flash_hopper.FOLD_SCALE, flash_hopper.LEAN_SYNC)
+
+
 @pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
 def test_compiled_kernels_lower_for_cuda(h):
   """The compiled form of every kernel (wgmma, TMA, warp specialization) lowers to Mosaic GPU for
@@ -149,6 +215,12 @@ def test_compiled_kernels_lower_for_cuda(h):
 
   text = lower(fwd, q, kv, kv, *ints)
   assert "wgmma" in text and "lcv_hopper_fwd" in text  # each kernel is named in profiles
+  for options in FWD_OPTIONS:
+
+    def fwd_variant(q, k, v, *m, options=options):
+      return flash_hopper.forward(q, k, v, *m, interpret=False, **options)
+
+    assert "wgmma" in lower(fwd_variant, q, kv, kv, *ints), options
   for fused in (False, True):
 
     def bwd(q, k, v, o, lse, do, *m, fused=fused):
@@ -287,3 +359,25 @@ def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
   monkeypatch.setenv(gpu.ENV, "cudnn")
   with pytest.raises(ValueError, match="LCV_GPU_KERNEL"):
     gpu.forward(q, k, v, lo, hi, kid)
+
+
+def test_check_hopper_fwd_smoke(tmp_path):
+  """scripts/check_hopper_fwd.py --smoke: one forward variant checked against the dense twin
+  and timed (tiny sizes, interpreter), one JSON line per check and per timing."""
+  import importlib.util
+  import json
+  import pathlib
+
+  path = pathlib.Path(__file__).parents[2] / "scripts" / "check_hopper_fwd.py"
+  spec = importlib.util.spec_from_file_location("check_hopper_fwd", path)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  out = tmp_path / "fwd.jsonl"
+  script.main(["--smoke", "--layouts", "causal", "--options", "paired_fold", "--out", str(out)])
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  checks = [r for r in rows if r["part"] == "check"]
+  times = [r for r in rows if r["part"] == "time"]
+  assert [r["options"] for r in checks] == ["paired_fold"]
+  assert all(r["pass"] and r["o_rel"] < 2e-2 for r in checks), checks
+  assert [r["options"] for r in times] == ["paired_fold"]
+  assert all(r["ms"] > 0 and "error" not in r for r in times), times
