@@ -82,6 +82,7 @@ def bench(
   remat: str = "full",
   profile: str | None = None,
   vision_attention: str = "auto",
+  loss_chunk: int = 2048,
 ) -> dict:
   import jax
   import numpy as np
@@ -97,7 +98,7 @@ def bench(
 
   model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke, remat, vision_attention)
   mesh = mesh_lib.make_mesh(mesh_cfg)
-  task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg)
+  task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg, loss_chunk=loss_chunk)
   setup = state_lib.setup(task.model_fn, train_cfg.optimizer, train_cfg.steps, mesh, task.rules)
   state = state_lib.create(task.model_fn, setup)
   n_params = state_lib.num_params(state)
@@ -157,6 +158,7 @@ def bench(
     "step_s": step_s,
     "tower_s": tower_s,
     "vision_attention": vision_attention,
+    "loss_chunk": loss_chunk,
     "compile_s": compile_s,
     "tokens_per_s": seq_len / step_s,
     "model_tflops_per_step": flops / 1e12,
@@ -185,6 +187,9 @@ def main(argv=None):
   parser.add_argument(
     "--vision_attention", default="auto", help="the tower's attention impl: auto | cudnn | xla ..."
   )
+  parser.add_argument(
+    "--loss_chunk", type=int, default=2048, help="tokens per step of the chunked LM-head loss"
+  )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--profile", default=None, help="trace two extra steps into this dir")
   args = parser.parse_args(argv)
@@ -200,6 +205,7 @@ def main(argv=None):
       args.remat,
       args.profile and f"{args.profile}/{s}",
       args.vision_attention,
+      args.loss_chunk,
     )
     for s in seqs
   ]
