@@ -108,11 +108,6 @@ def impls(case: Case, args, block_sizes):
   }
   if jax.default_backend() == "gpu":  # Mosaic GPU has no CPU lowering (sm_90 only)
     out["lcv_hopper"] = lambda q, k, v: flash_hopper.attention(q, k, v, lo, hi, kid)[0]
-    # Both backward forms, whichever is the default (`flash_hopper.FUSED_DQ`).
-    for tag, fused in (("split", False), ("fused", True)):
-      out[f"lcv_hopper_{tag}"] = lambda q, k, v, f=fused: flash_hopper.attention(
-        q, k, v, lo, hi, kid, fused_dq=f
-      )[0]
   if case.layout == "causal":
     out["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, implementation="cudnn"

@@ -20,9 +20,8 @@ ENV = "LCV_GPU_KERNEL"  # process-wide default for `kernel=` (e.g. "portable" to
 
 
 def _pick(q, k, kernel: str | None, kwargs) -> bool:
-  """True for the Hopper kernels. Drops the other kernel's options from `kwargs`: `interpret`
-  when the Hopper kernels run, `fused_dq` (the Hopper backward's form, same results) when the
-  portable one does."""
+  """True for the Hopper kernels. Drops `interpret` from `kwargs` when they run (they pick the
+  interpreter from the backend themselves)."""
   kernel = kernel or os.environ.get(ENV, "auto")
   if kernel not in KERNELS:
     raise ValueError(f"{kernel=} (argument or ${ENV}) must be one of {KERNELS}")
@@ -35,7 +34,8 @@ def _pick(q, k, kernel: str | None, kwargs) -> bool:
   hopper = kernel == "hopper" or (
     kernel == "auto" and not portable_options and flash_hopper.supported(q, k)
   )
-  kwargs.pop("interpret" if hopper else "fused_dq", None)
+  if hopper:
+    kwargs.pop("interpret", None)
   return hopper
 
 

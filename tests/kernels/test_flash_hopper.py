@@ -2,12 +2,14 @@
 
 On CPU the kernels run in Mosaic GPU's interpreter (threads for the warpgroups, simulated
 barriers and bulk copies; matrix products as plain dots): that checks the pipeline protocol,
-the tile ranges, the masks and the softmax on small packed inputs, for both backwards (two
-kernels, and one with dQ reduce-added). The compiled kernels are also lowered for a CUDA target
-on the host (Mosaic GPU's lowering runs without a GPU). The `gpu`-marked tests run
-the compiled wgmma kernels on a Hopper GPU over packed layouts with 257-token frames, GQA, every
-supported head dim, zig-zag key chunks and odd lengths.
+the tile ranges, the masks and the softmax on small packed inputs, forward and backward. The
+compiled kernels are also lowered for a CUDA target on the host (Mosaic GPU's lowering runs
+without a GPU). The `gpu`-marked tests run the compiled wgmma kernels on a Hopper GPU over packed
+layouts with 257-token frames, GQA, every supported head dim, zig-zag key chunks and odd lengths.
+`test_hopper_backward.py` runs the two backward kernels under the interpreter's race detector.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 
 from lcv import masks
-from lcv.kernels import flash_gpu, flash_hopper
+from lcv.kernels import flash_gpu, flash_hopper, hopper_pipeline
 from tests.kernels.test_flash_gpu import _layout
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
@@ -31,37 +33,34 @@ def _inputs(rng, b, t, s, n, kh, h, dtype):
   return [jnp.asarray(rng.normal(size=x), dtype) for x in shapes]
 
 
-def _check(q, k, v, do, lo, hi, kid, interpret=None, fused_dq=None):
+def _check(q, k, v, do, lo, hi, kid):
   """Forward (o, lse) and all three gradients (through o and lse) against the dense twin.
 
-  Returns (lse, (dq, dk, dv)) of the kernel."""
+  The cotangents are do for o and 0.1 for the finite lse (a ring merge sends one). Returns
+  (o, lse, (dq, dk, dv)) of the kernel."""
   tol = TOL[q.dtype.type]
 
-  def loss(f):
-    def run(q, k, v):
-      o, lse = f(q, k, v, lo, hi, kid)
-      finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
-      return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32)) + 0.1 * jnp.sum(finite)
+  def kern(q, k, v):
+    return flash_hopper.attention(q, k, v, lo, hi, kid)
 
-    return run
+  def ref(q, k, v):
+    return flash_hopper.attention_reference(q, k, v, lo, hi, kid)
 
-  def kern(q, k, v, *m):
-    return flash_hopper.attention(q, k, v, *m, interpret=interpret, fused_dq=fused_dq)
-
-  o, lse = kern(q, k, v, lo, hi, kid)
-  ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
+  (o, lse), vjp = jax.vjp(kern, q, k, v)
+  (ro, rlse), ref_vjp = jax.vjp(ref, q, k, v)
   assert o.dtype == q.dtype and lse.dtype == jnp.float32
   assert _rel(o, ro) < tol, _rel(o, ro)
-  lse, rlse = np.asarray(lse), np.asarray(rlse)
-  assert np.array_equal(np.isneginf(lse), np.isneginf(rlse))
-  fin = np.isfinite(rlse)
-  np.testing.assert_allclose(lse[fin], rlse[fin], atol=2e-2)
-  got = jax.grad(loss(kern), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(flash_hopper.attention_reference), argnums=(0, 1, 2))(q, k, v)
+  lse_np, rlse_np = np.asarray(lse), np.asarray(rlse)
+  assert np.array_equal(np.isneginf(lse_np), np.isneginf(rlse_np))
+  fin = np.isfinite(rlse_np)
+  np.testing.assert_allclose(lse_np[fin], rlse_np[fin], atol=2e-2)
+  dlse = jnp.where(jnp.asarray(fin), 0.1, 0.0).astype(jnp.float32)
+  got = vjp((do, dlse))
+  want = ref_vjp((do, dlse))
   for name, g, w in zip("qkv", got, want):
     assert g.dtype == q.dtype and not np.isnan(np.asarray(g, np.float32)).any(), name
     assert _rel(g, w) < tol, (name, _rel(g, w))
-  return lse, got
+  return o, lse_np, got
 
 
 def test_cta_ranges_partition_the_cta_range():
@@ -71,7 +70,7 @@ def test_cta_ranges_partition_the_cta_range():
     [[[0, 1, 3, 4], [2, 2, 5, 6], [7, 7, 7, 7], [1, 1, 2, 3], [9, 9, 9, 9], [9, 9, 9, 9]]],
     jnp.int32,
   )
-  out = np.asarray(flash_hopper._cta_ranges(r))[0]
+  out = np.asarray(hopper_pipeline.cta_ranges(r))[0]
   np.testing.assert_array_equal(out[0], [0, 6, 0, 1, 3, 4, 2, 2, 5, 6])
   np.testing.assert_array_equal(out[1], [1, 3, 1, 1, 1, 1, 1, 1, 2, 3])
   np.testing.assert_array_equal(out[2, :2], [0, 0])
@@ -103,57 +102,20 @@ def test_interpreter_zigzag_chunk_and_rows_without_keys():
   c = t // 4
   idx = np.r_[c : 2 * c, 3 * c : 4 * c]  # quarters 1 and 3: early rows see none of them
   kid = jnp.asarray(idx[None], jnp.int32)
-  _check(q, k[:, idx], v[:, idx], do, lo, hi, kid)
-  o, lse = flash_hopper.forward(q, k[:, idx], v[:, idx], lo, hi, kid)
-  empty = np.isneginf(np.asarray(lse))[0, 0]  # rows (every head alike) with no key in the chunk
+  o, lse, (dq, _, _) = _check(q, k[:, idx], v[:, idx], do, lo, hi, kid)
+  empty = np.isneginf(lse)[0, 0]  # rows (every head alike) with no key in the chunk
   assert empty.sum() >= c // 2, empty.sum()  # most of the first quarter (frames may straddle it)
   assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
-
-
-@pytest.mark.parametrize("h", [64, 128])
-def test_interpreter_fused_dq_backward(h):
-  """The single-kernel backward (the dK/dV kernel also sums dQ = dS K; in the interpreter as
-  per-key-tile partials added outside) on everything at once: two packed samples with 24-token
-  frames, padding rows, GQA 2:1, a zig-zag key chunk (T != S, neither a multiple of the tiles)
-  and rows that see no key of it, whose dq must be exactly zero. H = 128 splits the dQ columns
-  between the consumers (one of them often skips a tile the other needs); H = 64 does not."""
-  rng = np.random.default_rng(11)
-  t, n, kh = 200, 2, 1
-  seg, fr = _layout(rng, 1, t, 24, 2, 9)
-  lo, hi = masks.intervals(seg, fr)
-  q, k, v, do = _inputs(rng, 1, t, t, n, kh, h, jnp.bfloat16)
-  idx = np.r_[50:100, 150:200]  # two quarters of the keys: rows before 27 see none of them
-  kid = jnp.asarray(idx[None], jnp.int32)
-  lse, (dq, _, _) = _check(q, k[:, idx], v[:, idx], do, lo, hi, kid, fused_dq=True)
-  empty = np.isneginf(lse)[0].all(0)  # rows (every head alike) with no key in the chunk
-  assert empty[:26].all() and empty[-9:].all() and not empty.all(), np.flatnonzero(empty)
   assert np.all(np.asarray(dq, np.float32)[0, empty] == 0)
 
 
-# Forward variants (`flash_hopper.forward` keyword arguments): each must give the same function.
-FWD_OPTIONS = [
-  {"schedule": "handoff", "fold_scale": True, "lean_sync": True},
-  {"schedule": "paired"},
-  {"schedule": "overlap", "fold_scale": True},
-  {"schedule": "paired", "fold_scale": True, "block_kv": 64, "stages": 3},
-]
-# In the interpreter "overlap" runs the same steps as "paired" (it differs only in when the wgmma
-# results are awaited): lowering it for CUDA is its check here.
-FWD_OPTIONS_INTERPRETED = [o for o in FWD_OPTIONS if o.get("schedule") != "overlap"]
-
-
-def _options_id(o):
-  return "-".join(f"{k}={v}" for k, v in o.items())
-
-
-@pytest.mark.parametrize("options", FWD_OPTIONS_INTERPRETED, ids=_options_id)
-def test_interpreter_forward_options(options):
-  """Every forward variant in the interpreter on one row that holds all layouts: a sample of
-  causal text, 27-token frames (frame-block-causal) and text; a packed second sample with a
-  24-token frame; padding rows; and a key chunk (S != T, not a multiple of the tiles) that the
-  first rows do not see (o = 0, lse = -inf there). The paired schedules carry a tile's PV into
-  the next tile's turn; here consumers' own tiles start after their CTA's (rows 320-383), end
-  before them (rows 256-319) and hold a run of unmasked tiles (rows 192-255)."""
+def test_interpreter_forward_every_layout():
+  """The forward in the interpreter on one row that holds all layouts: a sample of causal text,
+  27-token frames (frame-block-causal) and text; a packed second sample with a 24-token frame;
+  padding rows; and a key chunk (S != T, not a multiple of the tiles) that the first rows do not
+  see (o = 0, lse = -inf there). The forward carries a tile's PV into the next tile's turn; here
+  consumers' own tiles start after their CTA's (rows 320-383), end before them (rows 256-319)
+  and hold a run of unmasked tiles (rows 192-255)."""
   rng = np.random.default_rng(21)
   t, h = 384, 64
   seg = np.repeat(np.int32([1, 2, 0]), [300, 60, 24])[None]
@@ -165,7 +127,7 @@ def test_interpreter_forward_options(options):
   kid = jnp.asarray(idx[None], jnp.int32)
   q, k, v, _ = _inputs(rng, 1, t, t, 1, 1, h, jnp.bfloat16)
   k, v = k[:, idx], v[:, idx]
-  o, lse = flash_hopper.forward(q, k, v, lo, hi, kid, **options)
+  o, lse = flash_hopper.forward(q, k, v, lo, hi, kid)
   ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
   assert o.dtype == q.dtype and lse.dtype == jnp.float32
   assert _rel(o, ro) < TOL[jnp.bfloat16], _rel(o, ro)
@@ -177,31 +139,12 @@ def test_interpreter_forward_options(options):
   assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
 
 
-def test_forward_options_checked():
-  """Bad forward variants raise before tracing, naming the value and the fix."""
-  q = jnp.zeros((1, 8, 2, 128), jnp.bfloat16)
-  lo = hi = jnp.zeros((1, 8), jnp.int32)
-  bad = [
-    ({"schedule": "pingpong"}, "must be one of"),
-    ({"block_kv": 96}, "64 or 128"),
-    ({"stages": 1}, ">= 2"),
-    ({"stages": 3}, "block_kv=64"),  # 3 stages of 128 x 128 K and V tiles overflow smem
-    ({"fold_scale": True, "scale": -1.0}, "scale > 0"),
-  ]
-  for options, match in bad:
-    with pytest.raises(ValueError, match=match):
-      flash_hopper.forward(q, q, q, lo, hi, lo, **options)
-  p = flash_hopper._forward_options(flash_hopper._plan(q, q, None, None), None, None, 64, 3)
-  assert (p.bk, p.stages, p.schedule) == (64, 3, flash_hopper.FWD_SCHEDULE)
-  assert (p.fold_scale, p.lean_sync) == (flash_hopper.FOLD_SCALE, flash_hopper.LEAN_SYNC)
-
-
 @pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
 def test_compiled_kernels_lower_for_cuda(h):
   """The compiled form of every kernel (wgmma, TMA, warp specialization) lowers to Mosaic GPU for
-  a CUDA target on any host: operand layouts, transposed wgmma operands, smem transforms and the
-  fused backward's TMA reduce-add are checked without a GPU (ptxas and the run are not)."""
-  b, t, n, kh = 1, 512, 2, 1
+  a CUDA target on any host: operand layouts, transposed wgmma operands and smem transforms are
+  checked without a GPU (ptxas and the run are not). Each kernel is named in profiles."""
+  b, t, n, kh = 1, 512, 4, 2
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
   ints = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
@@ -210,36 +153,19 @@ def test_compiled_kernels_lower_for_cuda(h):
   def lower(f, *args):
     return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
+  def names(text):
+    return {m.removesuffix("_mosaic_gpu") for m in re.findall(r"lcv_hopper_\w+", text)}
+
   def fwd(q, k, v, *m):
     return flash_hopper.forward(q, k, v, *m, interpret=False)
 
+  def bwd(q, k, v, o, lse, do, *m):
+    return flash_hopper.backward(q, k, v, o, lse, do, *m, interpret=False)
+
   text = lower(fwd, q, kv, kv, *ints)
-  assert "wgmma" in text and "lcv_hopper_fwd" in text  # each kernel is named in profiles
-  for options in FWD_OPTIONS:
-
-    def fwd_variant(q, k, v, *m, options=options):
-      return flash_hopper.forward(q, k, v, *m, interpret=False, **options)
-
-    assert "wgmma" in lower(fwd_variant, q, kv, kv, *ints), options
-  for fused in (False, True):
-
-    def bwd(q, k, v, o, lse, do, *m, fused=fused):
-      return flash_hopper.backward(q, k, v, o, lse, do, *m, interpret=False, fused_dq=fused)
-
-    text = lower(bwd, q, kv, kv, q, lse, q, *ints)
-    assert "wgmma" in text and ("cp.reduce.async.bulk" in text) == fused
-    # (jax 0.10's `pl.kernel` drops the fused kernel's name; the default two are always named.)
-    assert fused or ("lcv_hopper_dq" in text and "lcv_hopper_dkv" in text)
-
-
-def test_fused_dq_choice(monkeypatch):
-  """`fused_dq=` picks the backward per call; None follows the module default FUSED_DQ."""
-  q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
-  assert flash_hopper._plan(q, q, None, None, True).fused_dq
-  assert not flash_hopper._plan(q, q, None, None, False).fused_dq
-  for default in (True, False):
-    monkeypatch.setattr(flash_hopper, "FUSED_DQ", default)
-    assert flash_hopper._plan(q, q, None, None).fused_dq is default
+  assert "wgmma" in text and names(text) == {"lcv_hopper_fwd"}, names(text)
+  text = lower(bwd, q, kv, kv, q, lse, q, *ints)
+  assert "wgmma" in text and names(text) == {"lcv_hopper_dq", "lcv_hopper_dkv"}, names(text)
 
 
 def test_supported_and_errors():
@@ -297,25 +223,6 @@ def test_gpu_zigzag_chunks_and_empty_rows():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", GPU_CASES[1:], ids=lambda c: f"t{c[0]}-h{c[4]}-f{c[5]}")
-def test_gpu_fused_dq_backward(case):
-  """The single-kernel backward (TMA reduce-add of dQ) against the dense twin and against the
-  two-kernel backward on packed GQA layouts with padding."""
-  t, s, n, kh, h, frame, segs, pad, dtype = case
-  rng = np.random.default_rng(t + h + 1)
-  seg, fr = _layout(rng, 1, t, frame, segs, pad)
-  lo, hi = masks.intervals(seg, fr)
-  q, k, v, do = _inputs(rng, 1, t, s, n, kh, h, dtype)
-  kid = masks.key_indices(1, s)
-  _check(q, k, v, do, lo, hi, kid, fused_dq=True)
-  o, lse = flash_hopper.forward(q, k, v, lo, hi, kid)
-  two = flash_hopper.backward(q, k, v, o, lse, do, lo, hi, kid, fused_dq=False)
-  one = flash_hopper.backward(q, k, v, o, lse, do, lo, hi, kid, fused_dq=True)
-  for name, a, b in zip("qkv", one, two):
-    assert _rel(a, b) < TOL[dtype] / 2, (name, _rel(a, b))
-
-
-@pytest.mark.gpu
 def test_gpu_same_as_portable_kernel():
   """The Hopper and the portable kernel agree on a long causal row (the dispatch is invisible)."""
   rng = np.random.default_rng(5)
@@ -346,10 +253,6 @@ def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
   assert not gpu._pick(q, k, "portable", {})
   assert gpu._pick(q, k, "hopper", {}) and gpu._pick(q, k, None, {}) == flash_hopper.supported(q, k)
   assert not gpu._pick(q, k, None, {"interpret": True})  # portable options pick the portable one
-  # The Hopper backward's form is dropped where the portable kernel runs (same results).
-  got = gpu.attention(q, k, v, lo, hi, kid, interpret=True, fused_dq=True)
-  for g, w in zip(got, want):
-    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
   with pytest.raises(ValueError, match="portable kernel"):
     gpu._pick(q, k, "hopper", {"block_sizes": flash_gpu.BlockSizes()})
   with pytest.raises(ValueError, match="kernel='fast'"):
@@ -359,25 +262,3 @@ def test_gpu_dispatch_picks_by_static_facts(monkeypatch):
   monkeypatch.setenv(gpu.ENV, "cudnn")
   with pytest.raises(ValueError, match="LCV_GPU_KERNEL"):
     gpu.forward(q, k, v, lo, hi, kid)
-
-
-def test_check_hopper_fwd_smoke(tmp_path):
-  """scripts/check_hopper_fwd.py --smoke: one forward variant checked against the dense twin
-  and timed (tiny sizes, interpreter), one JSON line per check and per timing."""
-  import importlib.util
-  import json
-  import pathlib
-
-  path = pathlib.Path(__file__).parents[2] / "scripts" / "check_hopper_fwd.py"
-  spec = importlib.util.spec_from_file_location("check_hopper_fwd", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  out = tmp_path / "fwd.jsonl"
-  script.main(["--smoke", "--layouts", "causal", "--options", "paired_fold", "--out", str(out)])
-  rows = [json.loads(line) for line in out.read_text().splitlines()]
-  checks = [r for r in rows if r["part"] == "check"]
-  times = [r for r in rows if r["part"] == "time"]
-  assert [r["options"] for r in checks] == ["paired_fold"]
-  assert all(r["pass"] and r["o_rel"] < 2e-2 for r in checks), checks
-  assert [r["options"] for r in times] == ["paired_fold"]
-  assert all(r["ms"] > 0 and "error" not in r for r in times), times

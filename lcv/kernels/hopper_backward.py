@@ -1,0 +1,334 @@
+"""The Hopper attention backward: a dQ kernel (`lcv_hopper_dq`) and a dK/dV kernel
+(`lcv_hopper_dkv`).
+
+FlashAttention-2's split of the backward (arXiv 2307.08691, Alg. 2; as in `flash_gpu`) on
+FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopper_pipeline`):
+- dQ: a CTA holds 128 query rows (two consumer warpgroups of 64); the producer streams the K, key
+  index and V tiles of the CTA's key-tile range. Per tile a consumer issues S = Q K^T and
+  dP = dO V^T together (one wait), forms P and dS, then dQ += dS K.
+- dK/dV: a CTA holds 128 key rows (two consumers of 64); the producer streams query-side tiles
+  (q, dO, lse, delta, lo, hi) of the CTA's query-tile range, for every head of the GQA group in
+  turn, so dK and dV are summed over the group in float32 registers.
+
+Both recompute S and P (7 products per tile pair). A single kernel that also reduce-adds dQ
+(FA3's appendix B, 5 products) was 8-10% slower on an H200 (benchmarks/NOTES.md): the reduce-add
+sat on the consumers' critical path.
+
+The dK/dV schedule is software-pipelined inside a consumer: per query tile t it runs
+
+    S^T_t = K Q_t^T -> P^T = exp2(S^T - lse) -> dV += P^T dO_t, dP^T = V dO_t^T
+    -> dS^T_t = P^T (dP^T - delta) -> dK += dS^T_t Q_t
+
+and issues dK += dS^T_{t-1} Q_{t-1} of the previous query tile together with S^T_t of this one,
+with one wait for both: two waits per step instead of three, every issue carrying two products.
+Q_{t-1} stays in its stage one step longer, so the query-side ring is one stage deeper (3).
+Measured on an H200: 4.5-7.5% faster than three waits per step; FA3's ping-pong between the
+consumers on top of it, and products regrouped by operand, were slower (benchmarks/NOTES.md,
+"dK/dV schedules"). Registers per consumer thread at H = 128: dK and dV [64, H] float32 (64
+each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first issue,
+dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query tiles of
+128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
+
+delta = rowsum(dO * O) - dlse and lse2, the base-2 lse with +inf on empty rows (so P = 0
+there), come from `operands`, as in `flash_gpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcv.kernels import flash_gpu
+from lcv.kernels.hopper_pipeline import (
+  CONSUMER_REGISTERS,
+  LOG2E,
+  PRODUCER_REGISTERS,
+  ROWS,
+  WGS,
+  Plan,
+  bcast,
+  cta_ranges,
+  issue,
+  launch,
+  mma,
+  prepare,
+  produce,
+  produce_kv,
+  run_range,
+  run_range_carried,
+  tiled_smem,
+  vec,
+  zeros,
+)
+
+
+def operands(p: Plan, q, k, v, o, lse, do, q_lo, q_hi, k_idx, dlse=None):
+  """The padded operands (q, k, v, do, lse2, delta, lo, hi, kid) of `dq` and `dkv`."""
+  delta = flash_gpu._delta(o, do, dlse)
+  qp, kp, vp, lo, hi, kid = prepare(p, q, k, v, q_lo, q_hi, k_idx)
+  pad = flash_gpu._pad_axis
+  dop = pad(do.astype(q.dtype), 1, p.t_pad)
+  lse2 = flash_gpu._lse2(pad(lse.astype(jnp.float32), 2, p.t_pad, -jnp.inf))
+  return qp, kp, vp, dop, lse2, pad(delta, 2, p.t_pad), lo, hi, kid
+
+
+def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+  """Padded operands (`operands`) -> dq [B, T_pad, N, H] in q's dtype (scaled)."""
+  b, _, n, h = q.shape
+  bq, bk, st, dtype = ROWS, p.bk, p.stages, q.dtype
+  k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = cta_ranges(k_range)
+  n_cta = p.t_pad // (bq * WGS)
+  c = p.scale * LOG2E
+
+  def kernel(
+    rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, dq_ref, scoped
+  ):
+    (q_smem2, do_smem2, f_smem, i_smem, k_smem, v_smem, kid_smem), bars = scoped
+    row_bars, k_bars, v_bars, kid_bars, k_free, v_free = bars
+    bi, head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile = n_cta - 1 - lax.axis_index("q_seq")  # longest (causal) rows first: a shorter tail
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+
+    @pl.when(wg < WGS)
+    def _consumer():
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      lse_smem, dl_smem, lo_smem, hi_smem = (
+        f_smem.at[0, wg],
+        f_smem.at[1, wg],
+        i_smem.at[0, wg],
+        i_smem.at[1, wg],
+      )
+      row0 = tile * (bq * WGS) + wg * bq
+      rows = pl.ds(row0, bq)
+      srcs = (
+        (q_ref.at[bi, rows, head], q_smem),
+        (do_ref.at[bi, rows, head], do_smem),
+        (lse_ref.at[bi, head, rows], lse_smem),
+        (dl_ref.at[bi, head, rows], dl_smem),
+        (lo_ref.at[bi, rows], lo_smem),
+        (hi_ref.at[bi, rows], hi_smem),
+      )
+      for i, (src, dst) in enumerate(srcs):
+        plgpu.copy_gmem_to_smem(src, dst, row_bars.at[i * WGS + wg])
+      for i in range(len(srcs)):
+        plgpu.barrier_wait(row_bars.at[i * WGS + wg])
+      lse_r, dl_r = vec(lse_smem, 1, p.interpret), vec(dl_smem, 1, p.interpret)
+      row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
+      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      dq = zeros((bq, h), plgpu.Layout.WGMMA, p.interpret)
+      shape = (bq, bk)
+
+      def step(j, dq, mode):
+        slot = lax.rem(j - c0, st)
+        for bar in (k_bars, kid_bars, v_bars):
+          plgpu.barrier_wait(bar.at[slot])
+        if mode == "skip":
+          plgpu.barrier_arrive(k_free.at[slot])
+          plgpu.barrier_arrive(v_free.at[slot])
+          return dq
+        k_t = k_smem.at[slot]
+        zero = zeros(shape, plgpu.Layout.WGMMA, p.interpret)
+        s, dp = issue(
+          [(zero, q_smem, k_t, True), (zero, do_smem, v_smem.at[slot], True)], p.interpret
+        )
+        s = s * c
+        if mode == "mask":
+          key = bcast(vec(kid_smem.at[slot], 0, p.interpret), shape, 1)
+          ok = (bcast(row_lo, shape, 0) <= key) & (key <= bcast(row_hi, shape, 0))
+          s = jnp.where(ok, s, -jnp.inf)
+        pr = jnp.exp2(s - bcast(lse_r, shape, 0))
+        plgpu.barrier_arrive(v_free.at[slot])
+        ds = pr * (dp - bcast(dl_r, shape, 0))
+        dq = mma(dq, ds.astype(dtype), k_t, p.interpret)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      dq = run_range(c0, c1, w, step, dq)
+      q_smem[...] = (dq * p.scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WGS)
+    def _producer():
+      kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, kid_bars), (v_ref, v_smem, v_bars))
+      produce_kv(bi, lax.div(head, jnp.int32(p.groups)), bk, c0, c1, st, kv, (k_free, v_free))
+
+  def entry(*refs):
+    smem = (
+      tiled_smem((WGS, bq, h), dtype),
+      tiled_smem((WGS, bq, h), dtype),
+      plgpu.SMEM((2, WGS, bq), jnp.float32),
+      plgpu.SMEM((2, WGS, bq), jnp.int32),
+      tiled_smem((st, bk, h), dtype),
+      tiled_smem((st, bk, h), dtype),
+      plgpu.SMEM((st, bk), jnp.int32),
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=6 * WGS),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_barriers=st),
+      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
+      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
+    )
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
+
+  return launch(
+    entry, "lcv_hopper_dq", jax.ShapeDtypeStruct(q.shape, dtype), (n, n_cta, b), "q_seq", p
+  )(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+
+
+def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+  """Padded operands (`operands`) -> (dk, dv) [B, S_pad, K, H] in k's dtype, summed over the
+  GQA group (dk scaled)."""
+  b, _, n, h = q.shape
+  kh, g = k.shape[2], p.groups
+  bk, bq, st, dtype = ROWS, p.bq_dkv, p.stages_dkv, q.dtype
+  _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = cta_ranges(q_range)
+  n_cta = p.s_pad // (bk * WGS)
+  c = p.scale * LOG2E
+
+  def kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, *rest):
+    dk_ref, dv_ref, scoped = rest
+    (k_smem2, v_smem2, kid_smem2, q_smem, do_smem, f_smem, i_smem), bars = scoped
+    kv_bars, q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars, q_free = bars
+    bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+    span = c1 - c0  # query tiles per head of the group: the stream holds g * span stages
+
+    @pl.when(wg < WGS)
+    def _consumer():
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+      k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
+      row0 = tile * (bk * WGS) + wg * bk
+      rows = pl.ds(row0, bk)
+      srcs = (
+        (k_ref.at[bi, rows, kv_head], k_smem),
+        (v_ref.at[bi, rows, kv_head], v_smem),
+        (kid_ref.at[bi, rows], kid_smem),
+      )
+      for i, (src, dst) in enumerate(srcs):
+        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i * WGS + wg])
+      for i in range(len(srcs)):
+        plgpu.barrier_wait(kv_bars.at[i * WGS + wg])
+      key = vec(kid_smem, 1, p.interpret)
+      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      shape = (bk, bq)
+      wgmma = plgpu.Layout.WGMMA
+
+      def probabilities(st_, slot, mode):
+        """P^T [keys, queries] float32 from the base-2 logits S^T: masked in boundary tiles,
+        0 on rows without keys (lse2 = +inf there)."""
+        if mode == "mask":
+          kb = bcast(key, shape, 0)
+          lo_c = bcast(vec(i_smem.at[0, slot], 0, p.interpret), shape, 1)
+          hi_c = bcast(vec(i_smem.at[1, slot], 0, p.interpret), shape, 1)
+          st_ = jnp.where((lo_c <= kb) & (kb <= hi_c), st_, -jnp.inf)
+        return jnp.exp2(st_ - bcast(vec(f_smem.at[0, slot], 0, p.interpret), shape, 1))
+
+      def step(j, carry, own, pending, mode, gi):
+        """One query tile (module docstring): `own`, the tile is in this consumer's range (S^T,
+        dV, dP^T run); `pending`, the previous tile was (its dK product is issued here)."""
+        dk, dv, ds_prev = carry
+        t = gi * span + j - c0  # position in the stream of (head, query tile) stages
+        slot, prev = lax.rem(t, st), lax.rem(t + st - 1, st)  # prev: only when pending
+        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
+          plgpu.barrier_wait(bar.at[slot])
+        first = [(dk, ds_prev, q_smem.at[prev], False)] if pending else []
+        if own:
+          first.append((zeros(shape, wgmma, p.interpret), k_smem, q_smem.at[slot], True))
+        outs = issue(first, p.interpret)  # dK += dS^T_{t-1} Q_{t-1} and S^T_t = K Q_t^T
+        if pending:
+          dk = outs[0]
+          plgpu.barrier_arrive(q_free.at[prev])  # Q_{t-1} read by its last product
+        if not own:
+          plgpu.barrier_arrive(q_free.at[slot])
+          return dk, dv, ds_prev
+        pt = probabilities(outs[-1] * c, slot, mode)
+        do_t = do_smem.at[slot]
+        zero = zeros(shape, wgmma, p.interpret)
+        dv, dpt = issue(
+          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
+        )
+        dst = pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        return dk, dv, dst.astype(dtype)  # Q_t's stage stays until dK's product (next step)
+
+      def drain(_, carry, gi):
+        """The step after a head's last tile, when that tile was this consumer's: its dK."""
+        dk, dv, ds_prev = carry
+        last = lax.rem(gi * span + span - 1, st)
+        (dk,) = issue([(dk, ds_prev, q_smem.at[last], False)], p.interpret)
+        plgpu.barrier_arrive(q_free.at[last])
+        return dk, dv, ds_prev
+
+      def head_loop(gi, carry):
+        carry = run_range_carried(c0, c1, w, functools.partial(step, gi=gi), carry)
+        fin = ((w[0] < w[3]) & (w[3] == c1)).astype(jnp.int32)
+        return lax.fori_loop(0, fin, functools.partial(drain, gi=gi), carry)
+
+      acc = zeros((bk, h), wgmma, p.interpret)
+      ds0 = zeros(shape, wgmma, p.interpret).astype(dtype)
+      dk, dv, _ = lax.fori_loop(0, g, head_loop, (acc, acc, ds0))
+      k_smem[...] = (dk * p.scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == WGS)
+    def _producer():
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+      def load(t, slot):
+        gi = lax.div(t, jnp.maximum(span, 1))
+        j = c0 + t - gi * span
+        head = kv_head * g + gi
+        rows = pl.ds(j * bq, bq)
+        copies = (
+          (q_ref.at[bi, rows, head], q_smem.at[slot], q_bars),
+          (do_ref.at[bi, rows, head], do_smem.at[slot], do_bars),
+          (lse_ref.at[bi, head, rows], f_smem.at[0, slot], lse_bars),
+          (dl_ref.at[bi, head, rows], f_smem.at[1, slot], dl_bars),
+          (lo_ref.at[bi, rows], i_smem.at[0, slot], lo_bars),
+          (hi_ref.at[bi, rows], i_smem.at[1, slot], hi_bars),
+        )
+        for src, dst, bar in copies:
+          plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+      produce(jnp.int32(0), span * g, st, load, (q_free,))
+
+  def entry(*refs):
+    smem = (
+      tiled_smem((WGS, bk, h), dtype),
+      tiled_smem((WGS, bk, h), dtype),
+      plgpu.SMEM((WGS, bk), jnp.int32),
+      tiled_smem((st, bq, h), dtype),
+      tiled_smem((st, bq, h), dtype),
+      plgpu.SMEM((2, st, bq), jnp.float32),
+      plgpu.SMEM((2, st, bq), jnp.int32),
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=3 * WGS),
+      *(plgpu.Barrier(num_barriers=st) for _ in range(6)),
+      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
+    )
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
+
+  kv = jax.ShapeDtypeStruct(k.shape, dtype)
+  args = (ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+  return launch(entry, "lcv_hopper_dkv", (kv, kv), (kh, n_cta, b), "kv_seq", p)(*args)
