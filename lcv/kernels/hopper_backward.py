@@ -24,7 +24,11 @@ with one wait for both: two waits per step instead of three, every issue carryin
 Q_{t-1} stays in its stage one step longer, so the query-side ring is one stage deeper (3).
 Measured on an H200: 4.5-7.5% faster than three waits per step; FA3's ping-pong between the
 consumers on top of it, and products regrouped by operand, were slower (benchmarks/NOTES.md,
-"dK/dV schedules"). Registers per consumer thread at H = 128: dK and dV [64, H] float32 (64
+"dK/dV schedules"). That gain is for GQA, where a CTA streams the tiles of every head of its
+group. Without GQA (one query head per kv head) the stream is one head's tiles, the deeper ring
+does not pay, and the pipelined backward measured 8-9% slower (16 x 128, 16K and 64K, H200):
+there the kernel keeps the serial schedule, a wait per step's products, on 2 stages (the
+compiled module is the earlier kernel's, GPU-tested and measured). Registers per consumer thread at H = 128: dK and dV [64, H] float32 (64
 each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first issue,
 dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query tiles of
 128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
@@ -193,7 +197,11 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   GQA group (dk scaled)."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
-  bk, bq, st, dtype = ROWS, p.bq_dkv, p.stages_dkv, q.dtype
+  # One head per kv head (no GQA): each CTA's stream is a single head's tiles, too short for the
+  # deeper ring to pay (the pipelined schedule was 4-9% slower there, H200): one wait per product.
+  serial = p.groups == 1
+  bk, bq, dtype = ROWS, p.bq_dkv, q.dtype
+  st = p.stages if serial else p.stages_dkv
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(q_range)
   n_cta = p.s_pad // (bk * WGS)
@@ -275,14 +283,41 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         plgpu.barrier_arrive(q_free.at[last])
         return dk, dv, ds_prev
 
+      def serial_step(j, carry, mode, gi):
+        """One query tile, its products awaited in turn (S^T; dV with dP^T; dK)."""
+        dk, dv = carry
+        slot = lax.rem(gi * span + j - c0, st)
+        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
+          plgpu.barrier_wait(bar.at[slot])
+        if mode == "skip":
+          plgpu.barrier_arrive(q_free.at[slot])
+          return dk, dv
+        q_t, do_t = q_smem.at[slot], do_smem.at[slot]
+        zero = zeros(shape, wgmma, p.interpret)
+        pt = probabilities(mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c, slot, mode)
+        dv, dpt = issue(
+          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
+        )
+        dst = pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        dk = mma(dk, dst.astype(dtype), q_t, p.interpret)
+        plgpu.barrier_arrive(q_free.at[slot])
+        return dk, dv
+
       def head_loop(gi, carry):
         carry = run_range_carried(c0, c1, w, functools.partial(step, gi=gi), carry)
         fin = ((w[0] < w[3]) & (w[3] == c1)).astype(jnp.int32)
         return lax.fori_loop(0, fin, functools.partial(drain, gi=gi), carry)
 
       acc = zeros((bk, h), wgmma, p.interpret)
-      ds0 = zeros(shape, wgmma, p.interpret).astype(dtype)
-      dk, dv, _ = lax.fori_loop(0, g, head_loop, (acc, acc, ds0))
+      if serial:
+
+        def serial_head_loop(gi, carry):
+          return run_range(c0, c1, w, functools.partial(serial_step, gi=gi), carry)
+
+        dk, dv = lax.fori_loop(0, g, serial_head_loop, (acc, acc))
+      else:
+        ds0 = zeros(shape, wgmma, p.interpret).astype(dtype)
+        dk, dv, _ = lax.fori_loop(0, g, head_loop, (acc, acc, ds0))
       k_smem[...] = (dk * p.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()

@@ -23,17 +23,19 @@ def _rel(a, b):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
-def test_interpreter_backward_kernels_race_free_every_layout():
+@pytest.mark.parametrize("kh", [1, 2], ids=["gqa-pipelined", "mha-serial"])
+def test_interpreter_backward_kernels_race_free_every_layout(kh):
   """One row holding every layout: a causal text sample, a frame-block-causal video sample, a
   packed sample of frames and text, padding rows; a key chunk of non-contiguous global indices
-  (S != T, neither a multiple of the tiles) that the first rows do not see; GQA 2:1, H = 64; an
-  lse cotangent (a ring merge sends one). dq, dk, dv match the dense twin's, rows without keys
-  get dq = 0, and neither kernel races."""
+  (S != T, neither a multiple of the tiles) that the first rows do not see; GQA 2:1 (the
+  pipelined dK/dV schedule) or 2:2 (the serial one), H = 64; an lse cotangent (a ring merge sends
+  one). dq, dk, dv match the dense twin's, rows without keys get dq = 0, and neither kernel
+  races."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
   rng = np.random.default_rng(4)
-  t, n, kh, h = 256, 2, 1, 64
+  t, n, h = 256, 2, 64
   seg = np.repeat(np.int32([1, 2, 3, 0]), [80, 90, 60, 26])[None]
   fr = np.full((1, t), -1, np.int32)
   fr[0, 83:164] = np.arange(81) // 27  # three 27-token frames after a little text
