@@ -28,10 +28,12 @@ consumers on top of it, and products regrouped by operand, were slower (benchmar
 group. Without GQA (one query head per kv head) the stream is one head's tiles, the deeper ring
 does not pay, and the pipelined backward measured 8-9% slower (16 x 128, 16K and 64K, H200):
 there the kernel keeps the serial schedule, a wait per step's products, on 2 stages (the
-compiled module is the earlier kernel's, GPU-tested and measured). Registers per consumer thread at H = 128: dK and dV [64, H] float32 (64
-each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first issue,
-dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query tiles of
-128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
+compiled module is the earlier kernel's, GPU-tested and measured).
+
+Registers per consumer thread of the pipelined schedule at H = 128: dK and dV [64, H] float32
+(64 each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first
+issue, dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query
+tiles of 128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
 
 delta = rowsum(dO * O) - dlse and lse2, the base-2 lse with +inf on empty rows (so P = 0
 there), come from `operands`, as in `flash_gpu`.
