@@ -301,9 +301,10 @@ class VisionEncoder(nnx.Module):
 
     def one(chunk_pixels):
       chunk_pixels = constrain(chunk_pixels, ("frames", None, None, None))
-      # Blocks unrolled: each block's weights are then static slices of loop-invariant arrays,
-      # which XLA hoists out of this frame loop. Rolled, every (chunk, block) step sliced them
-      # afresh: ~11 device copies per step, 2,000 per 32K training step (39 ms, H200).
+      # Blocks unrolled: each block's weights are then static slices of loop-invariant arrays
+      # that XLA may hoist out of this frame loop. Rolled, every (chunk, block) step sliced them
+      # afresh: ~11 device copies per step, 2,000 per 32K training step (39 ms, H200); unrolled,
+      # the tower's forward took 0.191 s instead of 0.196 s there.
       out = nnx.merge(graph, state)(chunk_pixels, unroll=True)
       return out if fn is None else fn(out)
 
