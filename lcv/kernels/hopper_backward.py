@@ -250,14 +250,27 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
           st_ = jnp.where((lo_c <= kb) & (kb <= hi_c), st_, -jnp.inf)
         return jnp.exp2(st_ - bcast(vec(f_smem.at[0, slot], 0, p.interpret), shape, 1))
 
+      def wait_stage(slot):
+        """Until the query-side tiles of a stage (q, dO, lse, delta, lo, hi) have landed."""
+        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
+          plgpu.barrier_wait(bar.at[slot])
+
+      def dv_and_ds(dv, pt, slot, zero):
+        """dV += P^T dO_t and dP^T = V dO_t^T (issued together, one wait), then dS^T =
+        P^T (dP^T - delta) in float32."""
+        do_t = do_smem.at[slot]
+        dv, dpt = issue(
+          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
+        )
+        return dv, pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+
       def step(j, carry, own, pending, mode, gi):
         """One query tile (module docstring): `own`, the tile is in this consumer's range (S^T,
         dV, dP^T run); `pending`, the previous tile was (its dK product is issued here)."""
         dk, dv, ds_prev = carry
         t = gi * span + j - c0  # position in the stream of (head, query tile) stages
         slot, prev = lax.rem(t, st), lax.rem(t + st - 1, st)  # prev: only when pending
-        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
-          plgpu.barrier_wait(bar.at[slot])
+        wait_stage(slot)
         first = [(dk, ds_prev, q_smem.at[prev], False)] if pending else []
         if own:
           first.append((zeros(shape, wgmma, p.interpret), k_smem, q_smem.at[slot], True))
@@ -269,12 +282,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
           plgpu.barrier_arrive(q_free.at[slot])
           return dk, dv, ds_prev
         pt = probabilities(outs[-1] * c, slot, mode)
-        do_t = do_smem.at[slot]
-        zero = zeros(shape, wgmma, p.interpret)
-        dv, dpt = issue(
-          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
-        )
-        dst = pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        dv, dst = dv_and_ds(dv, pt, slot, zeros(shape, wgmma, p.interpret))
         return dk, dv, dst.astype(dtype)  # Q_t's stage stays until dK's product (next step)
 
       def drain(_, carry, gi):
@@ -289,18 +297,14 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         """One query tile, its products awaited in turn (S^T; dV with dP^T; dK)."""
         dk, dv = carry
         slot = lax.rem(gi * span + j - c0, st)
-        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
-          plgpu.barrier_wait(bar.at[slot])
+        wait_stage(slot)
         if mode == "skip":
           plgpu.barrier_arrive(q_free.at[slot])
           return dk, dv
-        q_t, do_t = q_smem.at[slot], do_smem.at[slot]
+        q_t = q_smem.at[slot]
         zero = zeros(shape, wgmma, p.interpret)
         pt = probabilities(mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c, slot, mode)
-        dv, dpt = issue(
-          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
-        )
-        dst = pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        dv, dst = dv_and_ds(dv, pt, slot, zero)
         dk = mma(dk, dst.astype(dtype), q_t, p.interpret)
         plgpu.barrier_arrive(q_free.at[slot])
         return dk, dv
