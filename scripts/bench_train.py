@@ -25,7 +25,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full", vision_attention="auto"):
+def configs(
+  llm: str,
+  seq_len: int,
+  smoke: bool,
+  remat: str = "full",
+  vision_attention="auto",
+  scan_layers: bool = True,
+):
   from lcv.config import (
     DataConfig,
     DecoderConfig,
@@ -39,14 +46,14 @@ def configs(llm: str, seq_len: int, smoke: bool, remat: str = "full", vision_att
 
   if smoke:
     vision = VisionConfig.variant("tiny", patch=7, class_token=False)
-    decoder = DecoderConfig.variant("tiny", remat=remat)
+    decoder = DecoderConfig.variant("tiny", remat=remat, scan_layers=scan_layers)
     projector = ProjectorConfig(in_dim=vision.width, out_dim=decoder.embed_dim)
   else:
     vision = VisionConfig.variant(
       "clip_l14_336", dtype="bfloat16", frame_chunk=32, attention_impl=vision_attention
     )
     base = DecoderConfig.variant(llm)
-    decoder = dataclasses.replace(base, remat=remat, dtype="bfloat16")
+    decoder = dataclasses.replace(base, remat=remat, dtype="bfloat16", scan_layers=scan_layers)
     projector = ProjectorConfig(
       in_dim=vision.width, out_dim=decoder.embed_dim, pool=2, dtype="bfloat16"
     )
@@ -83,6 +90,8 @@ def bench(
   profile: str | None = None,
   vision_attention: str = "auto",
   loss_chunk: int = 2048,
+  lm_head: str = "fused",
+  scan_layers: bool = True,
 ) -> dict:
   import jax
   import numpy as np
@@ -96,9 +105,11 @@ def bench(
   from lcv.train import step as step_lib
   from lcv.train import task as task_lib
 
-  model_cfg, train_cfg, mesh_cfg = configs(llm, seq_len, smoke, remat, vision_attention)
+  model_cfg, train_cfg, mesh_cfg = configs(
+    llm, seq_len, smoke, remat, vision_attention, scan_layers
+  )
   mesh = mesh_lib.make_mesh(mesh_cfg)
-  task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg, loss_chunk=loss_chunk)
+  task = task_lib.vlm_task(model_cfg, train_cfg, mesh_cfg, loss_chunk=loss_chunk, lm_head=lm_head)
   setup = state_lib.setup(task.model_fn, train_cfg.optimizer, train_cfg.steps, mesh, task.rules)
   state = state_lib.create(task.model_fn, setup)
   n_params = state_lib.num_params(state)
@@ -160,6 +171,8 @@ def bench(
     "tower_s": tower_s,
     "vision_attention": vision_attention,
     "loss_chunk": loss_chunk,
+    "lm_head": lm_head,
+    "scan_layers": scan_layers,
     "compile_s": compile_s,
     "tokens_per_s": seq_len / step_s,
     "model_tflops_per_step": flops / 1e12,
@@ -191,6 +204,17 @@ def main(argv=None):
   parser.add_argument(
     "--loss_chunk", type=int, default=2048, help="tokens per step of the chunked LM-head loss"
   )
+  parser.add_argument(
+    "--lm_head",
+    default="fused",
+    choices=("fused", "recompute"),
+    help="the LM-head loss schedule (lcv.train.task.make_loss_fn)",
+  )
+  parser.add_argument(
+    "--no_scan",
+    action="store_true",
+    help="unstacked decoder layers (DecoderConfig.scan_layers=False) instead of lax.scan",
+  )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--profile", default=None, help="trace two extra steps into this dir")
   args = parser.parse_args(argv)
@@ -207,6 +231,8 @@ def main(argv=None):
       args.profile and f"{args.profile}/{s}",
       args.vision_attention,
       args.loss_chunk,
+      args.lm_head,
+      not args.no_scan,
     )
     for s in seqs
   ]

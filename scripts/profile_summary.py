@@ -9,7 +9,8 @@ events of the device processes (name matching --device, e.g. "/device:GPU:0"), a
 durations by kernel name and by kind (the first pattern of `KINDS` that matches the name). Kernel
 time is busy time on the device's streams; "span" is first start to last end, so span minus busy
 is time the device sat idle (host-bound launches, synchronisation). Prints a table; --json prints
-one JSON object instead.
+one JSON object instead. Device copies ("MemcpyD2D" in the kernel list) are also grouped by the
+HLO instruction that issued them and their size, from the events' `hlo_op` / `memcpy_details`.
 
 With --hlo, kernel time is also attributed to the source lines that made it: XLA's optimised HLO
 (dumped by `XLA_FLAGS="--xla_dump_to=DIR --xla_dump_hlo_as_text"`) gives each HLO instruction
@@ -203,6 +204,23 @@ def by_source(op_events: list[dict], metadata: dict, steps: int = 1, top: int = 
   return [(row, kind, us / 1e3 / steps) for (row, kind), us in acc.most_common(top)]
 
 
+def copies(events: list[dict], steps: int = 1, top: int = 10) -> list:
+  """[(HLO op, bytes per copy, ms per step, copies per step)] of the device's memcpy events, by
+  the instruction that issued them (their `hlo_op` arg; a command buffer's copies carry the buffer's
+  name) and size: the copies a profile lists only as "MemcpyD2D"."""
+  acc, calls = collections.Counter(), collections.Counter()
+  for e in events:
+    if not e["name"].startswith("Memcpy"):
+      continue
+    args = e.get("args") or {}
+    size = re.search(r"size:(\d+)", args.get("memcpy_details", ""))
+    key = (args.get("hlo_op", "?"), int(size.group(1)) if size else -1)
+    acc[key] += e.get("dur", 0.0)
+    calls[key] += 1
+  return [(op, size, us / 1e3 / steps, calls[op, size] / steps) for (op, size), us in
+          acc.most_common(top)]  # fmt: skip
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("path", help="trace directory (or the .json.gz itself)")
@@ -217,6 +235,7 @@ def main(argv=None):
   if args.hlo:
     ops = device_events(trace_file(args.path), args.device, thread="XLA Ops")
     s["sources"] = by_source(ops, hlo_metadata(args.hlo), args.steps, args.top)
+  s["copies"] = copies(events, args.steps, args.top)
   if args.json:
     print(json.dumps(s))
     return s
@@ -227,6 +246,10 @@ def main(argv=None):
   print("top kernels:")
   for name, t, n in s["top"]:
     print(f"  {t:9.1f} ms  {n:6g} x  {name}")
+  if s["copies"]:
+    print("device copies (issuing HLO op, size):")
+    for op, size, t, n in s["copies"]:
+      print(f"  {t:9.1f} ms  {n:6g} x  {size / 2**20:9.2f} MiB  {op}")
   if "sources" in s:
     print("by source (pass, file:line, primitive):")
     for row, kind, t in s["sources"]:

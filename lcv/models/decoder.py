@@ -250,6 +250,13 @@ class Decoder(nnx.Module):
         rngs, default_init, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
       )
 
+  def head(self) -> tuple[jax.Array, str]:
+    """The LM head's weight as stored (param dtype) and its layout for
+    `lcv.models.loss.chunked_cross_entropy`: ([D, V], "DV") untied, ([V, D], "VD") tied."""
+    if self.cfg.tie_embeddings:
+      return self.embed.embedding[...], "VD"
+    return self.lm_head[...], "DV"
+
   def logits(self, h: jax.Array) -> jax.Array:
     """LM head: h [B, L, D] -> logits float32[B, L, V] (matmul in the compute dtype)."""
     h = h.astype(dtype_of(self.cfg.dtype))

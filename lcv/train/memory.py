@@ -9,7 +9,8 @@ The formula (per device, bytes) adds what a VLM training step keeps alive at its
                device's B / (data * fsdp) rows x S / context positions: the residual stream
                stays sequence-sharded (rules "length" -> context)
   working      one block's forward + backward intermediates, rebuilt during its backward
-  loss         the chunked LM head: [B, C, V] float32 logits, their softmax and gradient
+  loss         the chunked LM head: [B, C, V] float32 logits, their softmax and gradient, and
+               the head's float32 gradient sum (`lcv.models.loss`, fused schedule)
   vision       the tower's frames (split over data x fsdp x context: rules "frames"), chunk by
                chunk, plus the spliced visual tokens (gathered back for the splice)
   batch        the step's inputs (ids, masks, positions, uint8 pixels)
@@ -175,7 +176,9 @@ def estimate(
     working_b += (2 * kv * (2 * c_bytes + 2 * 4) + 2 * q * 4) / axes["tensor"]
 
   chunk = min(loss_chunk, data.seq_len)
+  # Plus the fused schedule's float32 dW sum, held from the loss to the optimizer update.
   loss = 3 * rows * chunk * dec.vocab_size * 4 / axes["tensor"]
+  loss += dec.embed_dim * dec.vocab_size * 4 / w_shards
 
   vision = 0.0
   frames = 0

@@ -108,20 +108,29 @@ def make_inputs_fn(
   return inputs_fn
 
 
-def make_loss_fn(vlm_cfg: VLMConfig, train_cfg: TrainConfig, chunk: int = 2048):
+def make_loss_fn(
+  vlm_cfg: VLMConfig, train_cfg: TrainConfig, chunk: int = 2048, lm_head: str = "fused"
+):
+  """`loss_fn(model, batch)`; `lm_head` picks `chunked_cross_entropy`'s schedule: "fused"
+  (gradients formed with the loss, logits once per step) or "recompute" (logits again in the
+  backward)."""
+  if lm_head not in ("fused", "recompute"):
+    raise ValueError(f"{lm_head=}; use 'fused' or 'recompute'")
   mean = np.asarray(train_cfg.data.pixel_mean, np.float32)
   std = np.asarray(train_cfg.data.pixel_std, np.float32)
 
   def loss_fn(model, batch):
     pixels = (batch["pixels"].astype(jnp.float32) / 255.0 - mean) / std
     hidden = model({**batch, "pixels": pixels})
+    head, layout = model.decoder.head() if lm_head == "fused" else (model.decoder.logits, "DV")
     return loss_lib.chunked_cross_entropy(
       hidden,
-      model.decoder.logits,
+      head,
       batch["targets"],
       batch["weights"],
       chunk=chunk,
       z_loss=train_cfg.z_loss,
+      head_layout=layout,
     )
 
   return loss_fn
@@ -178,15 +187,16 @@ def vlm_task(
   mesh_cfg: MeshConfig | None = None,
   *,
   loss_chunk: int = 2048,
+  lm_head: str = "fused",
   v2pe_deltas=None,
 ) -> loop.Task:
   """The `loop.Task` that trains `lcv.models.vlm.VLM(vlm_cfg)` on `train_cfg.data`
-  (`v2pe_deltas`: see `make_inputs_fn`)."""
+  (`v2pe_deltas`: see `make_inputs_fn`; `loss_chunk`, `lm_head`: see `make_loss_fn`)."""
   check(vlm_cfg, train_cfg, mesh_cfg)
   seed = train_cfg.seed
   return loop.Task(
     model_fn=lambda: vlm_lib.VLM(vlm_cfg, rngs=nnx.Rngs(seed)),
-    loss_fn=make_loss_fn(vlm_cfg, train_cfg, loss_chunk),
+    loss_fn=make_loss_fn(vlm_cfg, train_cfg, loss_chunk, lm_head),
     inputs_fn=make_inputs_fn(vlm_cfg, train_cfg, mesh_cfg, v2pe_deltas),
     tokens_per_frame=vlm_cfg.frame_tokens,
     rules=rules_lib.RULES,

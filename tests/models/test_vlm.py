@@ -152,10 +152,81 @@ def test_chunked_cross_entropy_matches_naive():
   naive, chunked = both(hidden)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), naive, chunked)
   assert float(naive[1]) == float(weights.sum()) > 0
-  by_weight = loss.chunked_cross_entropy(hidden, dec.lm_head[...], targets, weights, chunk=5)
+  head, layout = dec.head()
+  by_weight = loss.chunked_cross_entropy(
+    hidden, head, targets, weights, chunk=5, head_layout=layout
+  )
   np.testing.assert_allclose(by_weight[0], naive[2]["ce"], rtol=1e-5)
   g_naive, g_chunked = (jax.grad(lambda h, i=i: both(h)[i][0])(hidden) for i in (0, 1))
   np.testing.assert_allclose(g_naive, g_chunked, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["DV", "VD"])
+@pytest.mark.parametrize("chunk", [4, 5, 16])
+def test_fused_cross_entropy_matches_autodiff(layout, chunk):
+  """The fused schedule (gradients formed in the forward) against plain autodiff of the naive
+  loss: value, metrics, and the gradients in hidden, the head weight and the loss weights, with
+  z-loss, S not a multiple of the chunk, and rows of weight 0."""
+  kh, kw, kt, kl = jax.random.split(jax.random.key(1), 4)
+  b, s, d, v, z = 2, 13, 8, 37, 1e-2
+  hidden = jax.random.normal(kh, (b, s, d), jnp.float32)
+  w = jax.random.normal(kw, (d, v) if layout == "DV" else (v, d), jnp.float32)
+  targets = jax.random.randint(kt, (b, s), 0, v)
+  weights = jax.random.uniform(kl, (b, s)) * (jnp.arange(s) % 4 != 1)
+  eq = "BSD,DV->BSV" if layout == "DV" else "BSD,VD->BSV"
+
+  def naive(hidden, w, weights):
+    out = loss.cross_entropy(jnp.einsum(eq, hidden, w), targets, weights, z_loss=z)
+    return out[0], out[2]
+
+  def fused(hidden, w, weights):
+    out = loss.chunked_cross_entropy(
+      hidden, w, targets, weights, chunk=chunk, z_loss=z, head_layout=layout
+    )
+    return out[0], out[2]
+
+  (want, want_aux), want_g = jax.value_and_grad(naive, (0, 1, 2), has_aux=True)(hidden, w, weights)
+  fn = jax.jit(jax.value_and_grad(fused, (0, 1, 2), has_aux=True))
+  (got, got_aux), got_g = fn(hidden, w, weights)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), got_aux, want_aux)
+  np.testing.assert_allclose(jax.jit(fused)(hidden, w, weights)[0], want, rtol=1e-5)
+  for g, ref in zip(got_g, want_g):
+    assert g.dtype == ref.dtype and g.shape == ref.shape
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5)
+  # A cotangent other than 1 scales every gradient (the backward only applies it).
+  _, vjp = jax.vjp(lambda *a: fused(*a)[0], hidden, w, weights)
+  np.testing.assert_allclose(vjp(jnp.float32(-3.0))[0], -3.0 * want_g[0], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_cross_entropy_forms_logits_once_per_step():
+  """The point of the fused schedule: the compiled loss-and-gradient program has 3 products with
+  the head (logits, dh, dW), the recompute schedule 4; a bf16 head weight gets a bf16 gradient."""
+  from lcv.models import layers
+
+  hidden = jnp.ones((1, 16, 8), jnp.bfloat16)
+  w = jnp.ones((8, 40), jnp.float32)
+  t, wt = jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16))
+
+  def dots(head):
+    fn = lambda h, w: loss.chunked_cross_entropy(h, head(w), t, wt, chunk=8)[0]  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(fn, (0, 1))).lower(hidden, w).compile().as_text()
+    return hlo.count(" dot(")
+
+  recompute = lambda w: lambda h: layers.logits_dot("BCD,DV->BCV", h, w.astype(h.dtype))  # noqa: E731
+  assert (dots(lambda w: w), dots(recompute)) == (3, 4)
+  g = jax.grad(lambda w: loss.chunked_cross_entropy(hidden, w, t, wt, chunk=8)[0])(
+    w.astype(jnp.bfloat16)
+  )
+  assert g.dtype == jnp.bfloat16
+
+
+def test_fused_cross_entropy_rejects_bad_heads():
+  h, t, wt = jnp.ones((1, 4, 8)), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4))
+  with pytest.raises(ValueError, match="head_layout"):
+    loss.chunked_cross_entropy(h, jnp.ones((8, 5)), t, wt, head_layout="VV")
+  with pytest.raises(ValueError, match=r"must be VD with D = 8"):
+    loss.chunked_cross_entropy(h, jnp.ones((8, 5)), t, wt, head_layout="VD")
 
 
 def test_logits_dot_gradients_in_the_compute_dtype():

@@ -99,3 +99,17 @@ def test_time_by_source_line(tmp_path):
   ]
   with pytest.raises(FileNotFoundError, match="xla_dump_to"):
     ps.hlo_metadata(str(tmp_path / "none"))
+
+
+def test_copies_by_issuing_op_and_size():
+  ps = load_script("profile_summary")
+  copy = lambda op, size, dur: {  # noqa: E731
+    "ph": "X", "pid": 1, "tid": 14, "name": "MemcpyD2D", "ts": 0, "dur": dur,
+    "args": {"hlo_op": op, "memcpy_details": f"kind_src:device kind_dst:device size:{size}"},
+  }  # fmt: skip
+  events = [copy("command_buffer_4", 2**20, 30), copy("command_buffer_4", 2**20, 10)]
+  events += [copy("copy.7", 64, 4), {"ph": "X", "name": "gemm", "ts": 0, "dur": 99}]
+  assert ps.copies(events, steps=2) == [
+    ("command_buffer_4", 2**20, pytest.approx(0.02), 1.0),
+    ("copy.7", 64, pytest.approx(0.002), 0.5),
+  ]
