@@ -55,14 +55,21 @@ def cross_entropy(logits, targets, weights, *, z_loss: float = 0.0):
 
   Returns (sum_loss, sum_weight, aux) exactly like `chunked_cross_entropy`.
   """
-  logits = logits.astype(jnp.float32)
   weights = jnp.asarray(weights, jnp.float32)
+  _, _, aux = _stats(logits.astype(jnp.float32), targets, weights)
+  return aux["ce"] + z_loss * aux["z_loss"], jnp.sum(weights), aux
+
+
+def _stats(logits, targets, weights):
+  """lse [B, C], the target's logit [B, C] and the summed metrics of float32 logits [B, C, V]."""
   lse = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  ce = jnp.sum((lse - target) * weights)
-  z = jnp.sum(jnp.square(lse) * weights)
-  correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
-  return ce + z_loss * z, jnp.sum(weights), {"ce": ce, "z_loss": z, "correct": correct}
+  aux = {
+    "ce": jnp.sum((lse - target) * weights),
+    "z_loss": jnp.sum(jnp.square(lse) * weights),
+    "correct": jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights),
+  }
+  return lse, target, aux
 
 
 def chunked_cross_entropy(
@@ -156,20 +163,6 @@ def _chunked(chunk, hidden, targets, weights):
   return n, blocks, (hidden, targets, weights)
 
 
-def _chunk_stats(h, w, t, wt, layout):
-  """One chunk's float32 logits [B, C, V], lse [B, C] and metric sums."""
-  logits = jnp.einsum(_HEAD_EQS[layout][0], h, w, preferred_element_type=jnp.float32)
-  logits = layers.constrain(logits, ("batch", None, "act_vocab"))
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target = jnp.take_along_axis(logits, t[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  aux = {
-    "ce": jnp.sum((lse - target) * wt),
-    "z_loss": jnp.sum(jnp.square(lse) * wt),
-    "correct": jnp.sum((jnp.argmax(logits, axis=-1) == t) * wt),
-  }
-  return logits, lse, target, aux
-
-
 def _fused_scan(hidden, w, targets, weights, chunk, z_loss, layout, *, grads):
   """The fused schedule's loop; with `grads`, also dh [B, S, D], dW float32 and d/dweights."""
   b, s, _ = hidden.shape
@@ -181,7 +174,9 @@ def _fused_scan(hidden, w, targets, weights, chunk, z_loss, layout, *, grads):
   def body(carry, xs):
     total, dw = carry
     h, t, wt = xs
-    logits, lse, target, aux = _chunk_stats(h, wc, t, wt, layout)
+    logits = jnp.einsum(_HEAD_EQS[layout][0], h, wc, preferred_element_type=jnp.float32)
+    logits = layers.constrain(logits, ("batch", None, "act_vocab"))
+    lse, target, aux = _stats(logits, t, wt)
     total = jax.tree.map(jnp.add, total, aux)
     if not grads:
       return (total, dw), None
