@@ -169,12 +169,12 @@ def _fused_scan(hidden, w, targets, weights, chunk, z_loss, layout, *, grads):
   chunk = min(chunk, s)
   n, blocks, (h_all, t_all, wt_all) = _chunked(chunk, hidden, targets, weights)
   wc = w.astype(hidden.dtype)  # once per step, not once per chunk
-  _, eq_dh, eq_dw = _HEAD_EQS[layout]
+  eq_logits, eq_dh, eq_dw = _HEAD_EQS[layout]
 
   def body(carry, xs):
     total, dw = carry
     h, t, wt = xs
-    logits = jnp.einsum(_HEAD_EQS[layout][0], h, wc, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(eq_logits, h, wc, preferred_element_type=jnp.float32)
     logits = layers.constrain(logits, ("batch", None, "act_vocab"))
     lse, target, aux = _stats(logits, t, wt)
     total = jax.tree.map(jnp.add, total, aux)
