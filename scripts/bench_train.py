@@ -123,10 +123,18 @@ def bench(
     host = next(data)
     data.close()
     batch = feeding.to_device(task.inputs_fn(host), mesh, [0], 1)
+    # Lowering and XLA's compile timed apart, each reported as it ends (a long compile shows its
+    # phase: unstacked layers take minutes).
     t0 = time.perf_counter()
+    lowered = jitted.lower(state, batch)
+    lower_s = time.perf_counter() - t0
+    print(f"S={seq_len}: lowered in {lower_s:.1f} s", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    jitted = lowered.compile()
+    compile_s = time.perf_counter() - t0
+    print(f"S={seq_len}: compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     state, m = jitted(state, batch)
     loss0 = float(m["loss"])
-    compile_s = time.perf_counter() - t0
     state, m = jitted(state, batch)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
@@ -173,6 +181,7 @@ def bench(
     "loss_chunk": loss_chunk,
     "lm_head": lm_head,
     "scan_layers": scan_layers,
+    "lower_s": lower_s,
     "compile_s": compile_s,
     "tokens_per_s": seq_len / step_s,
     "model_tflops_per_step": flops / 1e12,

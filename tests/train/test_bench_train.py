@@ -24,6 +24,7 @@ def test_smoke_row():
   row = json.loads(out.strip().splitlines()[-1])
   assert row["seq_len"] == 256 and row["loss_chunk"] == 64 and row["remat"] == "full"
   assert row["devices"] == 1 and row["step_s"] > 0 and row["tower_s"] > 0
+  assert row["lower_s"] > 0 and row["compile_s"] > 0
   assert row["mfu"] is None  # no peak FLOP/s for a CPU
   assert row["model_tflops_per_step"] > 0 and math.isfinite(row["loss"])
   assert 0 < row["mask_density"] < 1
