@@ -243,11 +243,10 @@ class Decoder(nnx.Module):
     if cfg.scan_layers:
       self.layers = stacked
     else:
-      # Unstacked layers are slices of the stacked init: the same values as the scanned model
-      # for the same seed, and one set of init kernels instead of one per layer (initialising L
-      # blocks one by one compiled for 5 minutes on an H200 at L = 28: every layer's random init
-      # was its own kernels).
-      # Plain arrays only: the stacked variables' metadata names the "layers" axis too.
+      # Unstacked layers are slices of the stacked init, taken as plain arrays (the stacked
+      # variables' metadata also names the "layers" axis): the scanned model's values for the
+      # same seed, and one set of init kernels. L blocks initialised one by one compiled for
+      # 5 minutes on an H200 at L = 28, every layer's random init its own kernels.
       values = nnx.to_pure_dict(nnx.state(stacked))
       self.layers = nnx.List()
       for i in range(cfg.num_layers):
