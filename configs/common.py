@@ -38,6 +38,9 @@ CLIP_VLM_KNOBS = dict(
   frame_bidirectional=False,
   remat="full",
   context=1,
+  # False: unstacked decoder layers, no lax.scan. 2.7-3.3% faster steps at 32K (1.5B, H200: the
+  # scan copies each saved residual into its stacked buffer) for a longer compile (41 s vs 18 s).
+  scan=True,
 )
 # LLaVA-1.6 / LongVA fine-tuning rates (longva/scripts/finetune.sh): 1e-5 for the LLM and
 # projector, 2e-6 (a 0.2 multiplier) for the vision tower.
@@ -143,6 +146,7 @@ def clip_vlm_run(
     llm,
     rope=rope(theta, knobs["positions"]),
     remat=knobs["remat"],
+    scan_layers=knobs["scan"],
     attention_impl=attention_impl(knobs["context"], attention),
   )
   return vlm_run(

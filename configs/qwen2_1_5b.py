@@ -5,6 +5,8 @@ A real-size VLM in LongVA's recipe at 1.5B scale: the MFU and long-context bench
 
     python scripts/train.py --config configs/qwen2_1_5b.py --workdir runs/qwen2_1_5b
     python scripts/train.py --config configs/qwen2_1_5b.py:seq_len=131072,context=4 --workdir runs/q
+    python scripts/train.py --config configs/qwen2_1_5b.py:remat=dots_attention,scan=false \
+      --workdir runs/q32k  # the fastest one-GPU 32K setup measured (docs/training.md, "MFU")
 
 arg: comma-separated knobs, e.g. "seq_len=65536,positions=v2pe,remat=dots_saveable".
 """

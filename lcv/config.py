@@ -240,7 +240,9 @@ class DecoderConfig:
   dtype / param_dtype: compute (activations, matmul inputs) vs stored parameter dtype.
   scan_layers: stack the blocks on a leading "layers" axis and run them with `lax.scan` (one
     compiled block, fast compiles at depth); False keeps a list of blocks (same math, and the
-    same initial values for the same seed: each block is a slice of the stacked init).
+    same initial values for the same seed: each block is a slice of the stacked init). Unstacked
+    blocks skip the scan's stacked residual buffers and the copies into them: a 1.5B model's
+    32K step on an H200 ran 2.7-3.3% faster, compiled in ~45 s instead of ~20 s.
   remat: what a block's backward recomputes: "none" saves everything; "full" saves only the block
     input; "attention" saves the block input and the attention kernels' (o, lse), so the backward
     never re-runs attention (~0.1 GB per layer at 32K tokens, 1.5B shape); "dots_saveable" keeps

@@ -1,6 +1,7 @@
 """Training-step benchmark of a ~1B VLM at long context on one accelerator: tokens/s and MFU.
 
     python scripts/bench_train.py                       # Qwen2-1.5B-shaped LLM + CLIP-L/14 tower
+    python scripts/bench_train.py --seq 32768 --remat dots_attention   # the 32K MFU row
     python scripts/bench_train.py --seq 32768 --llm qwen2-0.5b --out benchmarks/results/train.jsonl
     python scripts/bench_train.py --smoke               # tiny sizes on CPU, checks the plumbing
 
@@ -31,7 +32,7 @@ def configs(
   smoke: bool,
   remat: str = "full",
   vision_attention="auto",
-  scan_layers: bool = True,
+  scan_layers: bool = False,
 ):
   from lcv.config import (
     DataConfig,
@@ -91,7 +92,7 @@ def bench(
   vision_attention: str = "auto",
   loss_chunk: int = 2048,
   lm_head: str = "fused",
-  scan_layers: bool = True,
+  scan_layers: bool = False,
 ) -> dict:
   import jax
   import numpy as np
@@ -220,9 +221,10 @@ def main(argv=None):
     help="the LM-head loss schedule (lcv.train.task.make_loss_fn)",
   )
   parser.add_argument(
-    "--no_scan",
+    "--scan",
     action="store_true",
-    help="unstacked decoder layers (DecoderConfig.scan_layers=False) instead of lax.scan",
+    help="decoder layers stacked and run by lax.scan (DecoderConfig.scan_layers=True); the "
+    "default, unstacked layers, steps ~3%% faster at 32K and compiles ~2x longer",
   )
   parser.add_argument("--out", default=None, help="append JSON lines here")
   parser.add_argument("--profile", default=None, help="trace two extra steps into this dir")
@@ -241,7 +243,7 @@ def main(argv=None):
       args.vision_attention,
       args.loss_chunk,
       args.lm_head,
-      not args.no_scan,
+      args.scan,
     )
     for s in seqs
   ]

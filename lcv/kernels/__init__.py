@@ -29,7 +29,16 @@ def with_vjp(forward_fn, backward_fn):
   forward_fn(plan, q, k, v, q_lo, q_hi, k_idx) -> (o, lse); backward_fn(plan, q, k, v, o, lse, do,
   dlse, q_lo, q_hi, k_idx) -> (dq, dk, dv). The residuals are the inputs and (o, lse); the lse
   cotangent reaches the backward. Shared by the Pallas kernels (portable GPU, Hopper, TPU).
+  `plan` is a static argument of both halves, so it must be hashable (a frozen dataclass).
   """
+
+  # Each half is a jit of its own: a model calling the kernel at many sites (unstacked layers)
+  # then lowers it once per distinct plan and shapes, not once per site (JAX caches the lowering
+  # of a jitted call by its jaxpr, and jit hands every site the same jaxpr). XLA inlines the
+  # calls, so the compiled program is the same. A 28-layer step on an H200 lowered in 92 s
+  # before (84 Mosaic GPU kernel lowerings), ~7 s after.
+  forward_fn = jax.jit(forward_fn, static_argnums=0)
+  backward_fn = jax.jit(backward_fn, static_argnums=0)
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
   def attn(q, k, v, q_lo, q_hi, k_idx, plan):

@@ -246,8 +246,11 @@ class Decoder(nnx.Module):
       # Unstacked layers are slices of the stacked init, taken as plain arrays (the stacked
       # variables' metadata also names the "layers" axis): the scanned model's values for the
       # same seed, and one set of init kernels. L blocks initialised one by one compiled for
-      # 5 minutes on an H200 at L = 28, every layer's random init its own kernels.
-      values = nnx.to_pure_dict(nnx.state(stacked))
+      # 5 minutes on an H200 at L = 28, every layer's random init its own kernels. The barrier
+      # makes XLA materialise the stacked arrays before slicing; without it the init still
+      # compiled for minutes on the GPU (likely the random-bit generation fused into each
+      # layer's slice again), with it in 7.8 s against the stacked model's 7.2 s (H200).
+      values = jax.lax.optimization_barrier(nnx.to_pure_dict(nnx.state(stacked)))
       self.layers = nnx.List()
       for i in range(cfg.num_layers):
         graphdef, state = nnx.split(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))

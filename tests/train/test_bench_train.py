@@ -23,6 +23,7 @@ def test_smoke_row():
   ).stdout  # fmt: skip
   row = json.loads(out.strip().splitlines()[-1])
   assert row["seq_len"] == 256 and row["loss_chunk"] == 64 and row["remat"] == "full"
+  assert row["scan_layers"] is False  # the default: unstacked layers (`--scan` stacks them)
   assert row["devices"] == 1 and row["step_s"] > 0 and row["tower_s"] > 0
   assert row["lower_s"] > 0 and row["compile_s"] > 0
   assert row["mfu"] is None  # no peak FLOP/s for a CPU

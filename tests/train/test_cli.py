@@ -22,6 +22,13 @@ def test_load_config_with_arg_and_overrides():
   assert cfg.train.data.source == "tfds"
 
 
+def test_scan_knob_sets_the_decoder_layout():
+  path = os.path.join(ROOT, "configs", "qwen2_1_5b.py")
+  assert train.load_config(path).model.decoder.scan_layers
+  cfg = train.load_config(path + ":remat=dots_attention,scan=false")
+  assert not cfg.model.decoder.scan_layers and cfg.model.decoder.remat == "dots_attention"
+
+
 def test_bad_overrides_and_paths_are_clear_errors():
   cfg = train.load_config(os.path.join(ROOT, "configs", "train_tiny.py"))
   with pytest.raises(ValueError, match="TrainConfig has no field 'step'"):
