@@ -5,7 +5,9 @@ FlashAttention-2's split of the backward (arXiv 2307.08691, Alg. 2; as in `flash
 FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopper_pipeline`):
 - dQ: a CTA holds 128 query rows (two consumer warpgroups of 64); the producer streams the K, key
   index and V tiles of the CTA's key-tile range. Per tile a consumer issues S = Q K^T and
-  dP = dO V^T together (one wait), forms P and dS, then dQ += dS K.
+  dP = dO V^T back to back, waits for S alone and forms P = exp2(S - lse) while dP is still on
+  the tensor cores (FA3's intra-warpgroup overlap, section 3.2), then dS and dQ += dS K.
+  Measured on an H200: 2-5% faster than one wait for both products.
 - dK/dV: a CTA holds 128 key rows (two consumers of 64); the producer streams query-side tiles
   (q, dO, lse, delta, lo, hi) of the CTA's query-tile range, for every head of the GQA group in
   turn, so dK and dV are summed over the group in float32 registers.
@@ -27,8 +29,14 @@ consumers on top of it, and products regrouped by operand, were slower (benchmar
 "dK/dV schedules"). That gain is for GQA, where a CTA streams the tiles of every head of its
 group. Without GQA (one query head per kv head) the stream is one head's tiles, the deeper ring
 does not pay, and the pipelined backward measured 8-9% slower (16 x 128, 16K and 64K, H200):
-there the kernel keeps the serial schedule, a wait per step's products, on 2 stages (the
-compiled module is the earlier kernel's, GPU-tested and measured).
+there the kernel keeps the serial schedule, a wait per step's products, on 2 stages.
+
+Each kernel takes the register split measured faster for it (`hopper_pipeline`): 240 / 24 per
+consumer / producer thread for dQ and the serial dK/dV schedule, 232 / 40 for the pipelined one.
+Rescheduling the products was tried again with 240 registers (H200, "Eighth round" in
+benchmarks/NOTES.md): the serial dK/dV with S^T and dP^T issued together and P^T formed while
+dP^T runs was 6% slower without GQA and level with the pipelined schedule with it; the pipelined
+schedule with the same overlap was 12-25% slower.
 
 Registers per consumer thread of the pipelined schedule at H = 128: dK and dV [64, H] float32
 (64 each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first
@@ -56,6 +64,7 @@ from lcv.kernels.hopper_pipeline import (
   PRODUCER_REGISTERS,
   ROWS,
   WGS,
+  WIDE_REGISTERS,
   Plan,
   bcast,
   cta_ranges,
@@ -105,7 +114,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg < WGS)
     def _consumer():
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+      plgpu.set_max_registers(WIDE_REGISTERS[0], action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       lse_smem, dl_smem, lo_smem, hi_smem = (
         f_smem.at[0, wg],
@@ -141,20 +150,37 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
           plgpu.barrier_arrive(k_free.at[slot])
           plgpu.barrier_arrive(v_free.at[slot])
           return dq
-        k_t = k_smem.at[slot]
+        k_t, v_t = k_smem.at[slot], v_smem.at[slot]
         zero = zeros(shape, plgpu.Layout.WGMMA, p.interpret)
-        s, dp = issue(
-          [(zero, q_smem, k_t, True), (zero, do_smem, v_smem.at[slot], True)], p.interpret
-        )
-        s = s * c
-        if mode == "mask":
-          key = bcast(vec(kid_smem.at[slot], 0, p.interpret), shape, 1)
-          ok = (bcast(row_lo, shape, 0) <= key) & (key <= bcast(row_hi, shape, 0))
-          s = jnp.where(ok, s, -jnp.inf)
-        pr = jnp.exp2(s - bcast(lse_r, shape, 0))
-        plgpu.barrier_arrive(v_free.at[slot])
-        ds = pr * (dp - bcast(dl_r, shape, 0))
-        dq = mma(dq, ds.astype(dtype), k_t, p.interpret)
+
+        def probs(s):
+          s = s * c
+          if mode == "mask":
+            key = bcast(vec(kid_smem.at[slot], 0, p.interpret), shape, 1)
+            ok = (bcast(row_lo, shape, 0) <= key) & (key <= bcast(row_hi, shape, 0))
+            s = jnp.where(ok, s, -jnp.inf)
+          return jnp.exp2(s - bcast(lse_r, shape, 0))
+
+        def d_s(pr, dp):
+          return (pr * (dp - bcast(dl_r, shape, 0))).astype(dtype)
+
+        if p.interpret:  # the same products as plain float32 dots
+          s, dp = issue([(zero, q_smem, k_t, True), (zero, do_smem, v_t, True)], p.interpret)
+          plgpu.barrier_arrive(v_free.at[slot])
+          dq = mma(dq, d_s(probs(s), dp), k_t, p.interpret)
+        else:
+
+          def body(refs):
+            s_ref, dp_ref, dq_ref = refs
+            plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_t, (1, 0)))
+            plgpu.wgmma(dp_ref, do_smem, plgpu.transpose_ref(v_t, (1, 0)))
+            # S is awaited alone: P = exp2(S - lse) runs while dP is still on the tensor cores.
+            pr = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
+            dp = plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)
+            plgpu.barrier_arrive(v_free.at[slot])
+            plgpu.wgmma(dq_ref, d_s(pr, dp), k_t)
+
+          dq = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in (zero, zero, dq)))[2]
         plgpu.barrier_arrive(k_free.at[slot])
         return dq
 
@@ -167,7 +193,8 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     @pl.when(wg == WGS)
     def _producer():
       kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, kid_bars), (v_ref, v_smem, v_bars))
-      produce_kv(bi, lax.div(head, jnp.int32(p.groups)), bk, c0, c1, st, kv, (k_free, v_free))
+      kv_head, free = lax.div(head, jnp.int32(p.groups)), (k_free, v_free)
+      produce_kv(bi, kv_head, bk, c0, c1, st, kv, free, WIDE_REGISTERS[1])
 
   def entry(*refs):
     smem = (
@@ -202,6 +229,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   # One head per kv head (no GQA): each CTA's stream is a single head's tiles, too short for the
   # deeper ring to pay (the pipelined schedule was 4-9% slower there, H200): one wait per product.
   serial = p.groups == 1
+  registers = WIDE_REGISTERS if serial else (CONSUMER_REGISTERS, PRODUCER_REGISTERS)
   bk, bq, dtype = ROWS, p.bq_dkv, q.dtype
   st = p.stages if serial else p.stages_dkv
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
@@ -222,7 +250,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg < WGS)
     def _consumer():
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+      plgpu.set_max_registers(registers[0], action="increase")
       k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
       row0 = tile * (bk * WGS) + wg * bk
       rows = pl.ds(row0, bk)
@@ -333,7 +361,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg == WGS)
     def _producer():
-      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+      plgpu.set_max_registers(registers[1], action="decrease")
 
       def load(t, slot):
         gi = lax.div(t, jnp.maximum(span, 1))

@@ -41,9 +41,14 @@ LN2 = math.log(2.0)
 ROWS = 64  # query rows (forward, dQ) or key rows (dK/dV) of one consumer warpgroup
 WGS = 2  # consumer warpgroups per CTA
 # Registers per thread: the producer only issues copies and gives most of its share to the
-# consumers' accumulators (FA3 section 3.1, `setmaxnreg`).
+# consumers' accumulators (FA3 section 3.1, `setmaxnreg`). Two splits of the 64K registers of
+# an SM among 3 x 128 threads, each kernel taking the one measured faster on an H200
+# (benchmarks/NOTES.md, "Eighth round"): 232 / 40 for the forward and the pipelined dK/dV
+# schedule; FA3's 240 / 24 for the dQ kernel and the serial dK/dV schedule (that one 2-4% faster
+# with it, the dQ kernel 4-5% with it and its overlap together; the other two 0-3% slower).
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
+WIDE_REGISTERS = (240, 24)  # (consumer, producer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +220,9 @@ def copy_kv(bi, kv_head, bk, j, slot, kv):
     plgpu.copy_gmem_to_smem(src, smem.at[slot], bars.at[slot])
 
 
-def produce_kv(bi, kv_head, bk, c0, c1, stages, kv, free_bars):
+def produce_kv(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers=PRODUCER_REGISTERS):
   """Producer of the dQ kernel: K, key indices and V tiles c0..c1-1 of one kv head."""
-  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+  plgpu.set_max_registers(registers, action="decrease")
   produce(c0, c1, stages, lambda j, slot: copy_kv(bi, kv_head, bk, j, slot, kv), free_bars)
 
 
