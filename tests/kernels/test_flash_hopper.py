@@ -139,12 +139,14 @@ def test_interpreter_forward_every_layout():
   assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
 
 
+@pytest.mark.parametrize("kh", [2, 4], ids=["gqa", "mha"])  # the two dK/dV schedules
 @pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
-def test_compiled_kernels_lower_for_cuda(h):
-  """The compiled form of every kernel (wgmma, TMA, warp specialization) lowers to Mosaic GPU for
-  a CUDA target on any host: operand layouts, transposed wgmma operands and smem transforms are
-  checked without a GPU (ptxas and the run are not). Each kernel is named in profiles."""
-  b, t, n, kh = 1, 512, 4, 2
+def test_compiled_kernels_lower_for_cuda(h, kh):
+  """The compiled form of every kernel (wgmma, TMA, warp specialization, the dQ kernel's early
+  accumulator read, both dK/dV schedules) lowers to Mosaic GPU for a CUDA target on any host:
+  operand layouts, transposed wgmma operands and smem transforms are checked without a GPU
+  (ptxas and the run are not). Each kernel is named in profiles."""
+  b, t, n = 1, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
   ints = [jax.ShapeDtypeStruct((b, t), jnp.int32)] * 3
