@@ -13,9 +13,10 @@ FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopp
   (q, dO, lse, delta, lo, hi) of the CTA's query-tile range, for every head of the GQA group in
   turn, so dK and dV are summed over the group in float32 registers.
 
-Both recompute S and P (7 products per tile pair). A single kernel that also reduce-adds dQ
-(FA3's appendix B, 5 products) was 8-10% slower on an H200 (benchmarks/NOTES.md): the reduce-add
-sat on the consumers' critical path.
+Both recompute S and P (7 products per tile pair). Three single kernels that also reduce-add dQ
+(FA3's appendix B, 5 products) were 8-51% slower on an H200 (benchmarks/NOTES.md): the dQ
+product (A read transposed from smem), its staging and the reduce-add sat on the consumers'
+critical path.
 
 The dK/dV schedule is software-pipelined inside a consumer: per query tile t it runs
 
