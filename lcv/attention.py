@@ -8,7 +8,7 @@ and what they support:
                masks that are plain causal with trailing padding (query/key lengths), or full
                (every query sees every key: a vision tower's frames).
   pallas_gpu   `lcv.kernels.gpu`: the Hopper Mosaic GPU kernels (`flash_hopper`) on sm_90 with
-               bf16/fp16 and head dim 64/128, else the portable `flash_gpu` (interpret mode
+               bf16/fp16 and head dim 64/128/256, else the portable `flash_gpu` (interpret mode
                off GPU).
   pallas_tpu   `lcv.kernels.flash_tpu` (interpret mode off TPU).
   ring, ulysses, hybrid, all_gather

@@ -224,7 +224,7 @@ def bench(args) -> list[dict]:
   rows = []
   meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "B": b, "N": n, "K": kh}
   meta["H"] = h
-  meta["lcv_block_sizes"] = dataclasses.asdict(bs or flash_gpu.BlockSizes())
+  meta["lcv_block_sizes"] = dataclasses.asdict(bs or flash_gpu.default_block_sizes(h))
   if any(_wanted(args, i) for i in TOKAMAX_IMPLS) and (found := _tokamax()) is not None:
     meta["tokamax"] = found[2]
   for s in args.seq:

@@ -49,7 +49,8 @@ class BlockSizes:
 
   block_q/block_k tile the forward, *_dkv the dK/dV pass, *_dq the dQ pass. Tiles larger than the
   (padded) sequence are shrunk to it. num_warps (forward) and num_warps_bwd: None picks 4 for
-  H <= 64, else 8.
+  H <= 64, else 8. The field defaults are tuned for H <= 128; a call that passes no block sizes
+  takes `default_block_sizes(H)` (smaller tiles above 128, which fit in shared memory).
   """
 
   block_q: int = 128
@@ -158,8 +159,28 @@ class _Plan:
   params_bwd: object
 
 
+# Defaults for head dims above 128, measured on an H200 (H = 256, benchmarks/NOTES.md): the
+# H <= 128 tiles ask for 449 KB of shared memory there (228 KB on an H100 / H200). 128 x 64
+# forward tiles on 2 stages and 64 x 64 backward tiles are the fastest that fit.
+WIDE_HEAD_BLOCK_SIZES = BlockSizes(
+  block_q=128,
+  block_k=64,
+  block_q_dkv=64,
+  block_k_dkv=64,
+  block_q_dq=64,
+  block_k_dq=64,
+  num_stages=2,
+  num_stages_bwd=2,
+)
+
+
+def default_block_sizes(h: int) -> BlockSizes:
+  """The tiles a call with head dim h takes when it passes none."""
+  return BlockSizes() if _pow2(h) <= 128 else WIDE_HEAD_BLOCK_SIZES
+
+
 def _plan(q, k, scale, block_sizes: BlockSizes | None, interpret) -> _Plan:
-  bs = block_sizes or BlockSizes()
+  bs = block_sizes or default_block_sizes(q.shape[-1])
   _, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   h_pad = max(16, _pow2(h))

@@ -20,8 +20,9 @@ The modules, imported one way (this one uses the other three):
 - this module: the public API (`supported`, `forward`, `backward`, `attention`,
   `attention_reference`), the checks and the custom VJP.
 
-Only bf16 / fp16 inputs and head dims 64 / 128 run here (`supported`); everything else goes to the
-portable kernel. On a CPU backend the kernels run in Mosaic GPU's interpreter (tests).
+Only bf16 / fp16 inputs and head dims 64 / 128 / 256 run here (`supported`; at 256 the backward
+is the portable kernel's); everything else goes to the portable kernel. On a CPU backend the
+kernels run in Mosaic GPU's interpreter (tests).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ import jax.numpy as jnp
 
 from lcv.kernels import flash_gpu, hopper_backward, hopper_forward, hopper_pipeline, with_vjp
 
-# Head dims compiled and checked on an H200. 256 is left to the portable kernel: its first GPU
-# test did not finish within its time limit (benchmarks/NOTES.md) although the same kernels pass
-# at H = 256 in the interpreter, so the protocol is sound and the compiled form (registers:
-# a 64 x 256 float32 accumulator per warpgroup) is the suspect; not yet diagnosed.
-HEAD_DIMS = (64, 128)
+# Head dims compiled and checked on an H200. At H = 256 the forward runs here on 64-key tiles
+# (`hopper_pipeline.plan`; with 128-key tiles a consumer would hold 256 registers per thread and
+# the kernel did not finish compiling), while the backward runs the portable kernel: a 64-key
+# consumer of the dK/dV kernel would hold dK and dV, [64, 256] float32 each, 256 registers per
+# thread, more than a thread can have.
+HEAD_DIMS = (64, 128, 256)
+BACKWARD_HEAD_DIMS = (64, 128)
 
 
 def supported(q, k) -> bool:
@@ -65,6 +68,9 @@ def _forward(p, q, k, v, q_lo, q_hi, k_idx):
 
 
 def _backward(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
+  if p.h not in BACKWARD_HEAD_DIMS:  # the portable kernel, from the same (o, lse)
+    pp = flash_gpu._plan(q, k, p.scale, None, p.interpret is not None)
+    return flash_gpu._backward_impl(pp, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
   args = hopper_backward.operands(p, q, k, v, o, lse, do, q_lo, q_hi, k_idx, dlse)
   dq = hopper_backward.dq(p, *args)[:, : p.t]
   dk, dv = hopper_backward.dkv(p, *args)

@@ -76,10 +76,14 @@ class Plan:
 
 
 def plan(q, k, scale, interpret) -> Plan:
-  """The plan of a call on q [B, T, N, H], k [B, S, K, H] (H in 64, 128: `flash_hopper`)."""
+  """The plan of a call on q [B, T, N, H], k [B, S, K, H] (H in 64, 128, 256: `flash_hopper`).
+
+  Key tiles are 128 wide, 64 at H = 256, where a forward consumer holds O [64, 256] in float32
+  (128 registers per thread) and S of a 128-key tile would take 64 more (H200: 659-691 TFLOP/s
+  at 16K causal with 64-key tiles, 1.06-1.11x cuDNN, benchmarks/NOTES.md)."""
   _, t, n, h = q.shape
   s = k.shape[1]
-  bk = 128
+  bk = 128 if h <= 128 else 64
   tile = max(ROWS * WGS, bk)
   if interpret is None and jax.default_backend() != "gpu":
     # Mosaic GPU's interpreter parameters live in a private module: imported only off GPU.

@@ -79,6 +79,7 @@ CASES = [  # (B, T, N, K, H, frame, segments, pad, dtype)
   (1, 300, 2, 1, 64, 257, 1, 0, jnp.float32),
   (2, 150, 4, 2, 32, 20, 3, 9, jnp.float32),
   (1, 200, 2, 2, 128, 33, 2, 5, jnp.bfloat16),
+  (1, 150, 2, 1, 256, 33, 2, 5, jnp.bfloat16),  # default tiles of H > 128 (shared memory)
 ]
 # Interpret mode compiles slowly on CPU: there the GQA case runs in bf16 and stands in for the
 # H = 128 bf16 case, which runs on the GPU only.
@@ -220,6 +221,17 @@ def test_tile_ranges_visit_exactly_the_unskipped_tiles(frame):
   np.testing.assert_array_equal(between(q_range, nq, 0, 3), tiles_t != masks.SKIP)
   np.testing.assert_array_equal(between(q_range, nq, 1, 2), tiles_t == masks.FULL)
   assert (tiles != masks.SKIP).mean() < 0.6 and (tiles == masks.FULL).any()
+
+
+@pytest.mark.parametrize("h", [32, 64, 128, 256])
+def test_default_tiles_fit_in_shared_memory(h):
+  """The forward's default tiles fit in an H100 / H200's 227 KB of shared memory per block: Q
+  plus two operands per K/V stage, (block_q + 2 * stages * block_k) * H * 2 bytes for 16-bit
+  inputs, which is what the H200 reported (459776 bytes with the H <= 128 tiles at H = 256)."""
+  bs = flash_gpu.default_block_sizes(h)
+  assert (bs.block_q + 2 * bs.num_stages * bs.block_k) * h * 2 <= 232448
+  big = flash_gpu.BlockSizes()
+  assert ((big.block_q + 2 * big.num_stages * big.block_k) * 256 * 2 + 1024) == 459776
 
 
 def test_bad_inputs_raise_clear_errors():
