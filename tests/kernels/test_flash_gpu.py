@@ -228,10 +228,13 @@ def test_default_tiles_fit_in_shared_memory(h):
   """The forward's default tiles fit in an H100 / H200's 227 KB of shared memory per block: Q
   plus two operands per K/V stage, (block_q + 2 * stages * block_k) * H * 2 bytes for 16-bit
   inputs, which is what the H200 reported (459776 bytes with the H <= 128 tiles at H = 256)."""
-  bs = flash_gpu.default_block_sizes(h)
-  assert (bs.block_q + 2 * bs.num_stages * bs.block_k) * h * 2 <= 232448
-  big = flash_gpu.BlockSizes()
-  assert ((big.block_q + 2 * big.num_stages * big.block_k) * 256 * 2 + 1024) == 459776
+
+  def smem(bs):
+    return (bs.block_q + 2 * bs.num_stages * bs.block_k) * h * 2
+
+  assert smem(flash_gpu.default_block_sizes(h)) <= 232448
+  if h == 256:  # the formula against the size reported for the H <= 128 tiles (+ 1 KB of other)
+    assert smem(flash_gpu.BlockSizes()) + 1024 == 459776
 
 
 def test_bad_inputs_raise_clear_errors():
