@@ -162,16 +162,7 @@ class _Plan:
 # Defaults for head dims above 128, measured on an H200 (H = 256, benchmarks/NOTES.md): the
 # H <= 128 tiles ask for 449 KB of shared memory there (227 KB on an H100 / H200). 128 x 64
 # forward tiles on 2 stages and 64 x 64 backward tiles are the fastest that fit.
-WIDE_HEAD_BLOCK_SIZES = BlockSizes(
-  block_q=128,
-  block_k=64,
-  block_q_dkv=64,
-  block_k_dkv=64,
-  block_q_dq=64,
-  block_k_dq=64,
-  num_stages=2,
-  num_stages_bwd=2,
-)
+WIDE_HEAD_BLOCK_SIZES = BlockSizes(block_k=64, block_q_dkv=64, block_k_dq=64, num_stages=2)
 
 
 def default_block_sizes(h: int) -> BlockSizes:
