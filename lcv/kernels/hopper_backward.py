@@ -29,9 +29,10 @@ Q_{t-1} stays in its stage one step longer, so the query-side ring is one stage 
 Measured on an H200: 4.5-7.5% faster than three waits per step; FA3's ping-pong between the
 consumers on top of it, and products regrouped by operand, were slower (benchmarks/NOTES.md,
 "dK/dV schedules"). That gain is for GQA, where a CTA streams the tiles of every head of its
-group. Without GQA (one query head per kv head) the stream is one head's tiles, the deeper ring
-does not pay, and the pipelined backward measured 8-9% slower (16 x 128, 16K and 64K, H200):
-there the kernel keeps the serial schedule, a wait per step's products, on 2 stages.
+group. Without GQA (one query head per kv head) the pipelined schedule measured 8-17% slower
+(16 x 128, 16K and 64K, H200, on 3- and 4-stage rings; the serial schedule itself is 5-9%
+slower on 3 stages than on 2, so the deeper ring costs there, reason not known): there the kernel
+keeps the serial schedule, a wait per step's products, on 2 stages.
 
 Each kernel takes the register split measured faster for it (`hopper_pipeline`): 240 / 24 per
 consumer / producer thread for dQ and the serial dK/dV schedule, 232 / 40 for the pipelined one.
@@ -228,8 +229,8 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   GQA group (dk scaled)."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
-  # One head per kv head (no GQA): each CTA's stream is a single head's tiles, too short for the
-  # deeper ring to pay (the pipelined schedule was 8-14% slower there, H200): one wait per product.
+  # One head per kv head (no GQA): the serial schedule on 2 stages, one wait per step's products
+  # (the pipelined one was 8-17% slower there, H200; module docstring).
   serial = p.groups == 1
   registers = WIDE_REGISTERS if serial else (CONSUMER_REGISTERS, PRODUCER_REGISTERS)
   bk, bq, dtype = ROWS, p.bq_dkv, q.dtype

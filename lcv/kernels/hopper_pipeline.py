@@ -224,8 +224,9 @@ def copy_kv(bi, kv_head, bk, j, slot, kv):
     plgpu.copy_gmem_to_smem(src, smem.at[slot], bars.at[slot])
 
 
-def produce_kv(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers=PRODUCER_REGISTERS):
-  """Producer of the dQ kernel: K, key indices and V tiles c0..c1-1 of one kv head."""
+def produce_kv(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers):
+  """Producer of the dQ kernel: K, key indices and V tiles c0..c1-1 of one kv head; `registers`
+  per producer thread (`setmaxnreg`)."""
   plgpu.set_max_registers(registers, action="decrease")
   produce(c0, c1, stages, lambda j, slot: copy_kv(bi, kv_head, bk, j, slot, kv), free_bars)
 
