@@ -13,16 +13,16 @@ tiles in the CTA's range, so skipped tiles cost no loads and no FLOPs; each cons
 own part of that range into boundary tiles (elementwise mask from the row intervals and the
 tile's key indices) and a run of full tiles (no mask arithmetic), with the mode fixed per loop.
 
-The modules, imported one way (this one uses the other three):
+The modules, imported one way (this one uses the other four):
 - `hopper_pipeline`: the shared pieces (plan, tile ranges, producers, wgmma helpers, launch);
 - `hopper_forward`: the forward kernel (FA3's ping-pong between the consumers, section 3.1);
 - `hopper_backward`: the dQ and the dK/dV kernels (FlashAttention-2's split of the backward);
+- `hopper_wide_dkv`: the dK/dV kernel at H = 256 (one consumer per gradient);
 - this module: the public API (`supported`, `forward`, `backward`, `attention`,
   `attention_reference`), the checks and the custom VJP.
 
-Only bf16 / fp16 inputs and head dims 64 / 128 / 256 run here (`supported`; at 256 the backward
-is the portable kernel's); everything else goes to the portable kernel. On a CPU backend the
-kernels run in Mosaic GPU's interpreter (tests).
+Only bf16 / fp16 inputs and head dims 64 / 128 / 256 run here (`supported`); everything else goes
+to the portable kernel. On a CPU backend the kernels run in Mosaic GPU's interpreter (tests).
 """
 
 from __future__ import annotations
@@ -30,15 +30,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lcv.kernels import flash_gpu, hopper_backward, hopper_forward, hopper_pipeline, with_vjp
+from lcv.kernels import (
+  flash_gpu,
+  hopper_backward,
+  hopper_forward,
+  hopper_pipeline,
+  hopper_wide_dkv,
+  with_vjp,
+)
 
-# Head dims compiled and checked on an H200. At H = 256 the forward runs here on 64-key tiles
-# (`hopper_pipeline.plan`; with 128-key tiles a consumer would hold 256 registers per thread and
-# the kernel did not finish compiling), while the backward runs the portable kernel: a 64-key
-# consumer of the dK/dV kernel would hold dK and dV, [64, 256] float32 each, 256 registers per
-# thread, more than a thread can have.
+# Head dims compiled and checked on an H200. H = 256 runs on 64-key tiles (`hopper_pipeline.plan`:
+# with 128-key tiles a forward consumer would hold 256 registers per thread), a dQ kernel of one
+# consumer (`Plan.dq_consumers`: two would not fit in shared memory) and its own dK/dV kernel
+# (`hopper_wide_dkv`: a consumer of `hopper_backward.dkv` would hold dK and dV, 256 registers).
 HEAD_DIMS = (64, 128, 256)
-BACKWARD_HEAD_DIMS = (64, 128)
 
 
 def supported(q, k) -> bool:
@@ -68,12 +73,9 @@ def _forward(p, q, k, v, q_lo, q_hi, k_idx):
 
 
 def _backward(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
-  if p.h not in BACKWARD_HEAD_DIMS:  # the portable kernel, from the same (o, lse)
-    pp = flash_gpu._plan(q, k, p.scale, None, p.interpret is not None)
-    return flash_gpu._backward_impl(pp, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx)
   args = hopper_backward.operands(p, q, k, v, o, lse, do, q_lo, q_hi, k_idx, dlse)
   dq = hopper_backward.dq(p, *args)[:, : p.t]
-  dk, dv = hopper_backward.dkv(p, *args)
+  dk, dv = (hopper_backward.dkv if p.h <= 128 else hopper_wide_dkv.dkv)(p, *args)
   return dq, dk[:, : p.s], dv[:, : p.s]
 
 

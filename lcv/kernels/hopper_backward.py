@@ -3,15 +3,18 @@
 
 FlashAttention-2's split of the backward (arXiv 2307.08691, Alg. 2; as in `flash_gpu`) on
 FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopper_pipeline`):
-- dQ: a CTA holds 128 query rows (two consumer warpgroups of 64); the producer streams the K, key
-  index and V tiles of the CTA's key-tile range. Per tile a consumer issues S = Q K^T and
-  dP = dO V^T back to back, waits for S alone and forms P = exp2(S - lse) while dP is still on
-  the tensor cores (FA3's intra-warpgroup overlap, section 3.2), then dS and dQ += dS K.
+- dQ: a CTA holds 128 query rows (two consumer warpgroups of 64; one warpgroup at H = 256,
+  `Plan.dq_consumers`); the producer streams the K, key index and V tiles of the CTA's key-tile
+  range. Per tile a consumer issues S = Q K^T and dP = dO V^T back to back, waits for S alone and
+  forms P = exp2(S - lse) while dP is still on the tensor cores (FA3's intra-warpgroup overlap,
+  section 3.2), then dS and dQ += dS K.
   Measured on an H200 with the register split below: 4-5% faster than one wait for both
   products at 232 registers (each change alone: 0-3%).
 - dK/dV: a CTA holds 128 key rows (two consumers of 64); the producer streams query-side tiles
   (q, dO, lse, delta, lo, hi) of the CTA's query-tile range, for every head of the GQA group in
-  turn, so dK and dV are summed over the group in float32 registers.
+  turn, so dK and dV are summed over the group in float32 registers. That query-side ring
+  (`query_ring_smem`, `produce_queries`, `wait_queries`, `probabilities_t`, `delta_t`) is shared
+  with the H = 256 dK/dV kernel, `hopper_wide_dkv`.
 
 Both recompute S and P (7 products per tile pair). Three single kernels that also reduce-add dQ
 (FA3's appendix B, 5 products) were 8-51% slower on an H200 (benchmarks/NOTES.md): the dQ
@@ -99,9 +102,10 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   """Padded operands (`operands`) -> dq [B, T_pad, N, H] in q's dtype (scaled)."""
   b, _, n, h = q.shape
   bq, bk, st, dtype = ROWS, p.bk, p.stages, q.dtype
+  wgs = p.dq_consumers
   k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
-  ranges = cta_ranges(k_range)
-  n_cta = p.t_pad // (bq * WGS)
+  ranges = cta_ranges(k_range, wgs)
+  n_cta = p.t_pad // (bq * wgs)
   c = p.scale * LOG2E
 
   def kernel(
@@ -112,10 +116,10 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     bi, head = lax.axis_index("batch"), lax.axis_index("heads")
     tile = n_cta - 1 - lax.axis_index("q_seq")  # longest (causal) rows first: a shorter tail
     wg = lax.axis_index("wg")
-    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    rng = [rng_ref[bi, tile, i] for i in range(2 + 4 * wgs)]
     c0, c1 = rng[0], rng[1]
 
-    @pl.when(wg < WGS)
+    @pl.when(wg < wgs)
     def _consumer():
       plgpu.set_max_registers(WIDE_REGISTERS[0], action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
@@ -125,7 +129,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         i_smem.at[0, wg],
         i_smem.at[1, wg],
       )
-      row0 = tile * (bq * WGS) + wg * bq
+      row0 = tile * (bq * wgs) + wg * bq
       rows = pl.ds(row0, bq)
       srcs = (
         (q_ref.at[bi, rows, head], q_smem),
@@ -136,12 +140,12 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         (hi_ref.at[bi, rows], hi_smem),
       )
       for i, (src, dst) in enumerate(srcs):
-        plgpu.copy_gmem_to_smem(src, dst, row_bars.at[i * WGS + wg])
+        plgpu.copy_gmem_to_smem(src, dst, row_bars.at[i * wgs + wg])
       for i in range(len(srcs)):
-        plgpu.barrier_wait(row_bars.at[i * WGS + wg])
+        plgpu.barrier_wait(row_bars.at[i * wgs + wg])
       lse_r, dl_r = vec(lse_smem, 1, p.interpret), vec(dl_smem, 1, p.interpret)
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
-      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      w = [rng[2 + i] if wgs == 1 else jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
       dq = zeros((bq, h), plgpu.Layout.WGMMA, p.interpret)
       shape = (bq, bk)
 
@@ -193,7 +197,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, head])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == WGS)
+    @pl.when(wg == wgs)
     def _producer():
       kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, kid_bars), (v_ref, v_smem, v_bars))
       kv_head, free = lax.div(head, jnp.int32(p.groups)), (k_free, v_free)
@@ -201,27 +205,96 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
   def entry(*refs):
     smem = (
-      tiled_smem((WGS, bq, h), dtype),
-      tiled_smem((WGS, bq, h), dtype),
-      plgpu.SMEM((2, WGS, bq), jnp.float32),
-      plgpu.SMEM((2, WGS, bq), jnp.int32),
+      tiled_smem((wgs, bq, h), dtype),
+      tiled_smem((wgs, bq, h), dtype),
+      plgpu.SMEM((2, wgs, bq), jnp.float32),
+      plgpu.SMEM((2, wgs, bq), jnp.int32),
       tiled_smem((st, bk, h), dtype),
       tiled_smem((st, bk, h), dtype),
       plgpu.SMEM((st, bk), jnp.int32),
     )
     bars = (
-      plgpu.Barrier(num_barriers=6 * WGS),
+      plgpu.Barrier(num_barriers=6 * wgs),
       plgpu.Barrier(num_barriers=st),
       plgpu.Barrier(num_barriers=st),
       plgpu.Barrier(num_barriers=st),
-      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
-      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=st),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=st),
     )
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
 
-  return launch(
-    entry, "lcv_hopper_dq", jax.ShapeDtypeStruct(q.shape, dtype), (n, n_cta, b), "q_seq", p
-  )(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
+  out = jax.ShapeDtypeStruct(q.shape, dtype)
+  return launch(entry, "lcv_hopper_dq", out, (n, n_cta, b), "q_seq", p, wgs)(
+    ranges, q, k, v, do, lse2, delta, lo, hi, kid
+  )
+
+
+# The query-side ring of the dK/dV kernels (this one and `hopper_wide_dkv`): per stage the q and
+# dO tiles [bq, H], lse2 and delta (f[0], f[1]) and the rows' lo and hi (i[0], i[1]), each with a
+# "loaded" barrier, streamed for every head of the GQA group in turn.
+
+
+def query_ring_smem(st: int, bq: int, h: int, dtype):
+  """Shared memory of an `st`-stage query-side ring: (q, dO, f, i)."""
+  return (
+    tiled_smem((st, bq, h), dtype),
+    tiled_smem((st, bq, h), dtype),
+    plgpu.SMEM((2, st, bq), jnp.float32),
+    plgpu.SMEM((2, st, bq), jnp.int32),
+  )
+
+
+def query_ring_barriers(st: int):
+  """The "loaded" barriers of the ring: one array per operand (q, dO, lse2, delta, lo, hi)."""
+  return tuple(plgpu.Barrier(num_barriers=st) for _ in range(6))
+
+
+def produce_queries(gmem, ring, loaded, free, bi, kv_head, g, c0, span, bq, st):
+  """Producer of the dK/dV kernels: query tiles c0..c0+span-1 of each of the g heads of
+  `kv_head`'s group, in that order, into the ring. gmem: (q, dO, lse2, delta, lo, hi) refs."""
+  q_smem, do_smem, f_smem, i_smem = ring
+  q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref = gmem
+
+  def load(t, slot):
+    gi = lax.div(t, jnp.maximum(span, 1))
+    head = kv_head * g + gi
+    rows = pl.ds((c0 + t - gi * span) * bq, bq)
+    copies = (
+      (q_ref.at[bi, rows, head], q_smem.at[slot]),
+      (do_ref.at[bi, rows, head], do_smem.at[slot]),
+      (lse_ref.at[bi, head, rows], f_smem.at[0, slot]),
+      (dl_ref.at[bi, head, rows], f_smem.at[1, slot]),
+      (lo_ref.at[bi, rows], i_smem.at[0, slot]),
+      (hi_ref.at[bi, rows], i_smem.at[1, slot]),
+    )
+    for (src, dst), bar in zip(copies, loaded):
+      plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
+
+  produce(jnp.int32(0), span * g, st, load, free)
+
+
+def wait_queries(loaded, slot):
+  """Until the query-side tiles of a stage (q, dO, lse2, delta, lo, hi) have landed."""
+  for bar in loaded:
+    plgpu.barrier_wait(bar.at[slot])
+
+
+def probabilities_t(s_t, key, ring, slot, mode, interpret):
+  """P^T [keys, queries] float32 from the base-2 logits S^T: masked in boundary tiles, 0 on rows
+  without keys (lse2 = +inf there). key: the CTA's key indices, one per row of S^T."""
+  _, _, f_smem, i_smem = ring
+  shape = s_t.shape
+  if mode == "mask":
+    kb = bcast(key, shape, 0)
+    lo_c = bcast(vec(i_smem.at[0, slot], 0, interpret), shape, 1)
+    hi_c = bcast(vec(i_smem.at[1, slot], 0, interpret), shape, 1)
+    s_t = jnp.where((lo_c <= kb) & (kb <= hi_c), s_t, -jnp.inf)
+  return jnp.exp2(s_t - bcast(vec(f_smem.at[0, slot], 0, interpret), shape, 1))
+
+
+def delta_t(ring, slot, shape, interpret):
+  """delta of a stage's query rows, broadcast down the key rows of a [keys, queries] tile."""
+  return bcast(vec(ring[2].at[1, slot], 0, interpret), shape, 1)
 
 
 def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
@@ -242,8 +315,8 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
   def kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, *rest):
     dk_ref, dv_ref, scoped = rest
-    (k_smem2, v_smem2, kid_smem2, q_smem, do_smem, f_smem, i_smem), bars = scoped
-    kv_bars, q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars, q_free = bars
+    (k_smem2, v_smem2, kid_smem2, *ring), (kv_bars, *loaded, q_free) = scoped
+    q_smem = ring[0]
     bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     tile = lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
@@ -271,29 +344,14 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       shape = (bk, bq)
       wgmma = plgpu.Layout.WGMMA
 
-      def probabilities(st_, slot, mode):
-        """P^T [keys, queries] float32 from the base-2 logits S^T: masked in boundary tiles,
-        0 on rows without keys (lse2 = +inf there)."""
-        if mode == "mask":
-          kb = bcast(key, shape, 0)
-          lo_c = bcast(vec(i_smem.at[0, slot], 0, p.interpret), shape, 1)
-          hi_c = bcast(vec(i_smem.at[1, slot], 0, p.interpret), shape, 1)
-          st_ = jnp.where((lo_c <= kb) & (kb <= hi_c), st_, -jnp.inf)
-        return jnp.exp2(st_ - bcast(vec(f_smem.at[0, slot], 0, p.interpret), shape, 1))
-
-      def wait_stage(slot):
-        """Until the query-side tiles of a stage (q, dO, lse, delta, lo, hi) have landed."""
-        for bar in (q_bars, do_bars, lse_bars, dl_bars, lo_bars, hi_bars):
-          plgpu.barrier_wait(bar.at[slot])
-
       def dv_and_ds(dv, pt, slot, zero):
         """dV += P^T dO_t and dP^T = V dO_t^T (issued together, one wait), then dS^T =
         P^T (dP^T - delta) in float32."""
-        do_t = do_smem.at[slot]
+        do_t = ring[1].at[slot]
         dv, dpt = issue(
           [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
         )
-        return dv, pt * (dpt - bcast(vec(f_smem.at[1, slot], 0, p.interpret), shape, 1))
+        return dv, pt * (dpt - delta_t(ring, slot, shape, p.interpret))
 
       def step(j, carry, own, pending, mode, gi):
         """One query tile (module docstring): `own`, the tile is in this consumer's range (S^T,
@@ -301,7 +359,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         dk, dv, ds_prev = carry
         t = gi * span + j - c0  # position in the stream of (head, query tile) stages
         slot, prev = lax.rem(t, st), lax.rem(t + st - 1, st)  # prev: only when pending
-        wait_stage(slot)
+        wait_queries(loaded, slot)
         first = [(dk, ds_prev, q_smem.at[prev], False)] if pending else []
         if own:
           first.append((zeros(shape, wgmma, p.interpret), k_smem, q_smem.at[slot], True))
@@ -312,7 +370,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         if not own:
           plgpu.barrier_arrive(q_free.at[slot])
           return dk, dv, ds_prev
-        pt = probabilities(outs[-1] * c, slot, mode)
+        pt = probabilities_t(outs[-1] * c, key, ring, slot, mode, p.interpret)
         dv, dst = dv_and_ds(dv, pt, slot, zeros(shape, wgmma, p.interpret))
         return dk, dv, dst.astype(dtype)  # Q_t's stage stays until dK's product (next step)
 
@@ -328,13 +386,14 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         """One query tile, its products awaited in turn (S^T; dV with dP^T; dK)."""
         dk, dv = carry
         slot = lax.rem(gi * span + j - c0, st)
-        wait_stage(slot)
+        wait_queries(loaded, slot)
         if mode == "skip":
           plgpu.barrier_arrive(q_free.at[slot])
           return dk, dv
         q_t = q_smem.at[slot]
         zero = zeros(shape, wgmma, p.interpret)
-        pt = probabilities(mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c, slot, mode)
+        st_ = mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c
+        pt = probabilities_t(st_, key, ring, slot, mode, p.interpret)
         dv, dst = dv_and_ds(dv, pt, slot, zero)
         dk = mma(dk, dst.astype(dtype), q_t, p.interpret)
         plgpu.barrier_arrive(q_free.at[slot])
@@ -365,38 +424,19 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     @pl.when(wg == WGS)
     def _producer():
       plgpu.set_max_registers(registers[1], action="decrease")
-
-      def load(t, slot):
-        gi = lax.div(t, jnp.maximum(span, 1))
-        j = c0 + t - gi * span
-        head = kv_head * g + gi
-        rows = pl.ds(j * bq, bq)
-        copies = (
-          (q_ref.at[bi, rows, head], q_smem.at[slot], q_bars),
-          (do_ref.at[bi, rows, head], do_smem.at[slot], do_bars),
-          (lse_ref.at[bi, head, rows], f_smem.at[0, slot], lse_bars),
-          (dl_ref.at[bi, head, rows], f_smem.at[1, slot], dl_bars),
-          (lo_ref.at[bi, rows], i_smem.at[0, slot], lo_bars),
-          (hi_ref.at[bi, rows], i_smem.at[1, slot], hi_bars),
-        )
-        for src, dst, bar in copies:
-          plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
-
-      produce(jnp.int32(0), span * g, st, load, (q_free,))
+      gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
+      produce_queries(gmem, ring, loaded, (q_free,), bi, kv_head, g, c0, span, bq, st)
 
   def entry(*refs):
     smem = (
       tiled_smem((WGS, bk, h), dtype),
       tiled_smem((WGS, bk, h), dtype),
       plgpu.SMEM((WGS, bk), jnp.int32),
-      tiled_smem((st, bq, h), dtype),
-      tiled_smem((st, bq, h), dtype),
-      plgpu.SMEM((2, st, bq), jnp.float32),
-      plgpu.SMEM((2, st, bq), jnp.int32),
+      *query_ring_smem(st, bq, h, dtype),
     )
     bars = (
       plgpu.Barrier(num_barriers=3 * WGS),
-      *(plgpu.Barrier(num_barriers=st) for _ in range(6)),
+      *query_ring_barriers(st),
       plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
     )
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")

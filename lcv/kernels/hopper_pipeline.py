@@ -74,6 +74,13 @@ class Plan:
     where the row max commutes with the scaling."""
     return self.scale > 0
 
+  @property
+  def dq_consumers(self) -> int:
+    """Consumer warpgroups of the dQ kernel: two, or one at H = 256, where two consumers' Q and
+    dO tiles (128 KB) and a 2-stage K/V ring of 64-key tiles (128 KB) would not fit in the
+    227 KB of shared memory of an H100 / H200 SM."""
+    return WGS if self.h <= 128 else 1
+
 
 def plan(q, k, scale, interpret) -> Plan:
   """The plan of a call on q [B, T, N, H], k [B, S, K, H] (H in 64, 128, 256: `flash_hopper`).
@@ -118,15 +125,16 @@ def prepare(p: Plan, q, k, v, q_lo, q_hi, k_idx):
   return q, k, v, lo, hi, kid
 
 
-def cta_ranges(r):
-  """Per-warpgroup tile ranges [B, tiles, 4] -> per-CTA int32[B, tiles // 2, 10].
+def cta_ranges(r, wgs: int = WGS):
+  """Per-warpgroup tile ranges [B, tiles, 4] -> per-CTA int32[B, tiles // wgs, 2 + 4 * wgs].
 
-  Row layout: (cta first, cta end, then (first, full first, full end, end) of warpgroup 0 and 1),
-  every warpgroup value clipped into the CTA range so the loops of a consumer partition exactly
-  the tiles the producer loads; a warpgroup with no tiles gets an empty range.
+  Row layout: (cta first, cta end, then (first, full first, full end, end) of each of the `wgs`
+  consumer warpgroups), every warpgroup value clipped into the CTA range so the loops of a
+  consumer partition exactly the tiles the producer loads; a warpgroup with no tiles gets an
+  empty range.
   """
   b = r.shape[0]
-  r = r.reshape(b, -1, WGS, 4)
+  r = r.reshape(b, -1, wgs, 4)
   empty = r[..., 0] >= r[..., 3]
   big = jnp.iinfo(jnp.int32).max
   c0 = jnp.min(jnp.where(empty, big, r[..., 0]), axis=-1)
@@ -134,8 +142,8 @@ def cta_ranges(r):
   none = jnp.all(empty, axis=-1)
   c0, c1 = jnp.where(none, 0, c0), jnp.where(none, 0, c1)
   w = jnp.where(empty[..., None], c0[..., None, None], r)
-  w = jnp.clip(w, c0[..., None, None], c1[..., None, None])
-  return jnp.concatenate([c0[..., None], c1[..., None], w.reshape(b, -1, 8)], -1).astype(jnp.int32)
+  w = jnp.clip(w, c0[..., None, None], c1[..., None, None]).reshape(b, -1, 4 * wgs)
+  return jnp.concatenate([c0[..., None], c1[..., None], w], -1).astype(jnp.int32)
 
 
 def run_range(c0, c1, w, step, carry):
@@ -312,8 +320,9 @@ def tiled_smem(shape, dtype):
   )
 
 
-def launch(entry, name: str, out_type, grid, tile_axis: str, p: Plan):
-  """One CTA per (head, tile, batch): two consumer warpgroups and a producer ("wg" axis).
+def launch(entry, name: str, out_type, grid, tile_axis: str, p: Plan, consumers: int = WGS):
+  """One CTA per (head, tile, batch): `consumers` consumer warpgroups and a producer ("wg" axis,
+  the producer last).
 
   name: the kernel's name in profiles (each kernel has its own).
   """
@@ -324,7 +333,7 @@ def launch(entry, name: str, out_type, grid, tile_axis: str, p: Plan):
     interpret=p.interpret,
     grid=grid,
     grid_names=("heads", tile_axis, "batch"),
-    num_threads=WGS + 1,
+    num_threads=consumers + 1,
     thread_name="wg",
     kernel_name=name,
   )

@@ -92,10 +92,11 @@ def test_interpreter_packed_gqa_padding():
 
 
 def test_interpreter_head_dim_256():
-  """H = 256: the forward on 64-key tiles in the interpreter, the gradients from the portable
-  kernel's backward on the same (o, lse) (a Hopper consumer cannot hold dK and dV at 256)."""
+  """H = 256 in the interpreter: the forward on 64-key tiles, the gradients from the dQ kernel
+  with one consumer and `hopper_wide_dkv` (one consumer per gradient), without GQA (the race
+  test in `test_hopper_backward.py` has it)."""
   rng = np.random.default_rng(7)
-  b, t, n, kh, h = 1, 150, 2, 1, 256
+  b, t, n, kh, h = 1, 150, 2, 2, 256
   seg, fr = _layout(rng, b, t, 20, 2, 6)
   lo, hi = masks.intervals(seg, fr)
   q, k, v, do = _inputs(rng, b, t, t, n, kh, h, jnp.bfloat16)
@@ -155,9 +156,9 @@ def test_interpreter_forward_every_layout():
 @pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
 def test_compiled_kernels_lower_for_cuda(h, kh):
   """The compiled form of every kernel (wgmma, TMA, warp specialization, the dQ kernel's early
-  accumulator read, both dK/dV schedules) lowers to Mosaic GPU for a CUDA target on any host:
-  operand layouts, transposed wgmma operands and smem transforms are checked without a GPU
-  (ptxas and the run are not). Each kernel is named in profiles."""
+  accumulator read, both dK/dV schedules, the H = 256 dK/dV kernel) lowers to Mosaic GPU for a
+  CUDA target on any host: operand layouts, transposed wgmma operands and smem transforms are
+  checked without a GPU (ptxas and the run are not). Each kernel is named in profiles."""
   b, t, n = 1, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
@@ -179,9 +180,9 @@ def test_compiled_kernels_lower_for_cuda(h, kh):
 
   text = lower(fwd, q, kv, kv, *ints)
   assert "wgmma" in text and names(text) == {"lcv_hopper_fwd"}, names(text)
-  if h in flash_hopper.BACKWARD_HEAD_DIMS:
-    text = lower(bwd, q, kv, kv, q, lse, q, *ints)
-    assert "wgmma" in text and names(text) == {"lcv_hopper_dq", "lcv_hopper_dkv"}, names(text)
+  text = lower(bwd, q, kv, kv, q, lse, q, *ints)
+  dkv = "lcv_hopper_dkv" if h <= 128 else "lcv_hopper_dkv_wide"
+  assert "wgmma" in text and names(text) == {"lcv_hopper_dq", dkv}, names(text)
 
 
 def test_supported_and_errors():
@@ -204,7 +205,7 @@ GPU_CASES = [
   (2048, 2048, 2, 2, 128, 1, 1, 0, jnp.bfloat16),  # causal text
   (2048, 2048, 4, 2, 128, 257, 3, 100, jnp.bfloat16),  # packed video, GQA, padding
   (1500, 1500, 2, 1, 64, 144, 2, 7, jnp.float16),
-  (1100, 1100, 2, 1, 256, 257, 2, 30, jnp.bfloat16),  # H = 256: Hopper forward, portable backward
+  (1100, 1100, 2, 1, 256, 257, 2, 30, jnp.bfloat16),  # H = 256: hopper_wide_dkv, one dQ consumer
 ]
 
 

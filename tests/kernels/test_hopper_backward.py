@@ -1,5 +1,5 @@
-"""The Hopper backward kernels (`lcv.kernels.hopper_backward`: dQ and dK/dV) in Mosaic GPU's
-interpreter with its race detector on.
+"""The Hopper backward kernels (`lcv.kernels.hopper_backward`: dQ and dK/dV; `hopper_wide_dkv`:
+dK/dV at H = 256) in Mosaic GPU's interpreter with its race detector on.
 
 Warpgroups run as threads with simulated barriers and bulk copies (products as plain float32
 dots), so this checks each kernel's protocol (stage rings, slot releases, the dK/dV kernel's dK
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lcv import masks
-from lcv.kernels import flash_hopper, hopper_backward, hopper_pipeline
+from lcv.kernels import flash_hopper, hopper_backward, hopper_pipeline, hopper_wide_dkv
 
 
 def _rel(a, b):
@@ -23,19 +23,21 @@ def _rel(a, b):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
-@pytest.mark.parametrize("kh", [1, 2], ids=["gqa-pipelined", "mha-serial"])
-def test_interpreter_backward_kernels_race_free_every_layout(kh):
+@pytest.mark.parametrize(
+  "kh, h", [(1, 64), (2, 64), (1, 256)], ids=["gqa-pipelined", "mha-serial", "gqa-wide"]
+)
+def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
   """One row holding every layout: a causal text sample, a frame-block-causal video sample, a
   packed sample of frames and text, padding rows; a key chunk of non-contiguous global indices
   (S != T, neither a multiple of the tiles) that the first rows do not see; GQA 2:1 (the
-  pipelined dK/dV schedule) or 2:2 (the serial one), H = 64; an lse cotangent (a ring merge sends
-  one). dq, dk, dv match the dense twin's, rows without keys get dq = 0, and neither kernel
-  races."""
+  pipelined dK/dV schedule) or 2:2 (the serial one), H = 64; or GQA 2:1 at H = 256 (the dQ kernel
+  with one consumer, `hopper_wide_dkv`); an lse cotangent (a ring merge sends one). dq, dk, dv
+  match the dense twin's, rows without keys get dq = 0, and neither kernel races."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
   rng = np.random.default_rng(4)
-  t, n, h = 256, 2, 64
+  t, n = 256, 2
   seg = np.repeat(np.int32([1, 2, 3, 0]), [80, 90, 60, 26])[None]
   fr = np.full((1, t), -1, np.int32)
   fr[0, 83:164] = np.arange(81) // 27  # three 27-token frames after a little text
@@ -54,7 +56,8 @@ def test_interpreter_backward_kernels_race_free_every_layout(kh):
   ops = hopper_backward.operands(p, q, k, v, o, lse, do, lo, hi, kid, dlse)
   dq = jax.block_until_ready(hopper_backward.dq(p, *ops))[:, :t]
   assert not interpret_pallas_call.get_races().races_found, "dQ kernel"
-  dk, dv = (x[:, : len(idx)] for x in jax.block_until_ready(hopper_backward.dkv(p, *ops)))
+  dkv = hopper_backward.dkv if h <= 128 else hopper_wide_dkv.dkv
+  dk, dv = (x[:, : len(idx)] for x in jax.block_until_ready(dkv(p, *ops)))
   assert not interpret_pallas_call.get_races().races_found, "dK/dV kernel"
   for name, g, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
     assert g.shape == w.shape and g.dtype == q.dtype, name
