@@ -6,25 +6,22 @@ more than a thread can have. So here the two consumers share the CTA's 64 key ro
 work by gradient, each holding one [64, 256] accumulator (128 registers); the pipeline is
 FlashAttention-3's (arXiv 2407.08608, section 3; `hopper_pipeline`):
 
-- consumer 0 (dV): S^T_t = K Q_t^T -> P^T = exp2(S^T - lse) -> dV += P^T dO_t;
-- consumer 1 (dK): S^T_t = K Q_t^T and dP^T_t = V dO_t^T issued together, P^T formed while dP^T is
-  still on the tensor cores (the dQ kernel's overlap) -> dS^T = P^T (dP^T - delta) ->
-  dK += dS^T Q_t.
+- consumer 0 (dV): S^T_t = K Q_t^T -> P^T = exp2(S^T - lse), written to shared memory (float16)
+  -> dV += P^T dO_t;
+- consumer 1 (dK): dP^T_t = V dO_t^T, issued before it waits for that P^T -> dS^T = P^T (dP^T -
+  delta) -> dK += dS^T Q_t.
 
-Both form S^T, so a tile pair costs 5 products here and 8 with the dQ kernel's 3 (7 at H <= 128);
-handing P^T over through shared memory would save one at the price of a barrier between the
-consumers on every tile (not built). The consumers run on the tensor cores side by side: the one
-with fewer products runs at most a stage ahead.
+So a tile pair costs 4 products, 7 with the dQ kernel's 3, as at H <= 128, and the consumers carry
+two products each. On an H200 handing P^T over made the kernel 1.1-1.6x faster than forming S^T
+in both consumers (5 products); the gain without GQA (1.6x) is larger than the product count
+explains, reason not known (benchmarks/NOTES.md, "Ninth round").
 
-Shared memory holds K and V [64, 256] (64 KB) and a 2-stage query-side ring (q and dO, 128 KB):
-64 keys per CTA, half of `hopper_backward.dkv`'s. The producer copies K, V and the key indices
-once, then streams the ring like `hopper_backward.dkv` (every head of the GQA group in turn); a
-stage is freed when both consumers have read it. At the end each consumer writes its gradient
-through the smem of K or V, which the other may still be reading, so they meet at a barrier first.
-
-On an H200 (16K causal, 8 heads): 5.7 ms, 471 TFLOP/s of its own products without GQA and 645 with
-GQA 8:2; fwd+bwd 0.85-0.87x cuDNN without GQA, level with it with GQA (benchmarks/NOTES.md, "Ninth
-round").
+Shared memory holds K and V [64, 256] (64 KB), a 2-stage query-side ring (q and dO, 128 KB) and
+P^T per stage (16 KB): 64 keys per CTA, half of `hopper_backward.dkv`'s. The producer copies K, V
+and the key indices once, then streams the ring like `hopper_backward.dkv` (every head of the GQA
+group in turn); a stage, P^T's slot with it, is freed when both consumers have read it. At the
+end each consumer writes its gradient through the smem of K or V, which the other may still be
+reading, so they meet at a barrier first.
 """
 
 from __future__ import annotations
@@ -61,6 +58,12 @@ from lcv.kernels.hopper_pipeline import (
   zeros,
 )
 
+# P^T goes from the dV consumer to the dK one in float16 (10 mantissa bits against bf16's 7, for
+# P in [0, 1]); a float32 tile would overflow shared memory by 160 bytes. Measured on an H200
+# (bf16 inputs, 4K-16K): dK is 1.8e-3 from the portable kernel's (float32 P), where a bf16 P^T gave
+# 3.5e-3, and 2.71e-3 from the float32 reference against the portable kernel's 2.69e-3.
+P_DTYPE = jnp.float16
+
 
 def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   """Padded operands (`hopper_backward.operands`) -> (dk, dv) [B, S_pad, K, H] in k's dtype,
@@ -76,7 +79,10 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
   def kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, *rest):
     dk_ref, dv_ref, scoped = rest
-    (k_smem, v_smem, kid_smem, *ring), (kv_bars, *loaded, q_free, done) = scoped
+    smem, bars = scoped
+    k_smem, v_smem, ring, kid_smem = smem[0], smem[1], smem[2:6], smem[6]
+    kv_bars, loaded, q_free, done, p_ready = bars[0], bars[1:7], bars[7], bars[8], bars[9]
+    p_smem = smem[7]
     q_smem, do_smem = ring[0], ring[1]
     bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
     tile = lax.axis_index("kv_seq")
@@ -115,31 +121,32 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     def dv_step(slot, dv, mode, key):
       s_t = mma(zeros(shape, layout, interpret), k_smem, q_smem.at[slot], interpret, trans_b=True)
       pt = probabilities_t(s_t * c, key, ring, slot, mode, interpret)
+      p_smem.at[slot][...] = pt.astype(P_DTYPE)  # for the dK consumer's dS^T
+      plgpu.barrier_arrive(p_ready.at[slot])
       return mma(dv, pt.astype(dtype), do_smem.at[slot], interpret)
 
     def dk_step(slot, dk, mode, key):
+      del mode, key  # the mask is in P^T
       q_t, do_t, zero = q_smem.at[slot], do_smem.at[slot], zeros(shape, layout, interpret)
 
-      def probs(s_t):
-        return probabilities_t(s_t * c, key, ring, slot, mode, interpret)
-
-      def d_s(pt, dp_t):
-        return (pt * (dp_t - delta_t(ring, slot, shape, interpret))).astype(dtype)
+      def d_s(dp_t):
+        """dS^T = P^T (dP^T - delta), P^T from the dV consumer (awaited here)."""
+        plgpu.barrier_wait(p_ready.at[slot])
+        pt = p_smem.at[slot][...] if interpret else plgpu.load(p_smem.at[slot], (), layout=layout)
+        return (pt.astype(jnp.float32) * (dp_t - delta_t(ring, slot, shape, interpret))).astype(
+          dtype
+        )
 
       if interpret:  # the same products as plain float32 dots
-        s_t = mma(zero, k_smem, q_t, interpret, trans_b=True)
-        dp_t = mma(zero, v_smem, do_t, interpret, trans_b=True)
-        return mma(dk, d_s(probs(s_t), dp_t), q_t, interpret)
+        return mma(dk, d_s(mma(zero, v_smem, do_t, interpret, trans_b=True)), q_t, interpret)
 
       def body(refs):
-        s_ref, dp_ref, dk_ref = refs
-        plgpu.wgmma(s_ref, k_smem, plgpu.transpose_ref(q_t, (1, 0)))
+        dp_ref, dk_ref = refs
         plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_t, (1, 0)))
-        # S^T is awaited alone: P^T = exp2(S^T - lse) runs while dP^T is on the tensor cores.
-        pt = probs(plgpu.wgmma_accumulator_load(s_ref, wait_n=1))
-        plgpu.wgmma(dk_ref, d_s(pt, plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)), q_t)
+        # dP^T runs on the tensor cores while this consumer waits for P^T.
+        plgpu.wgmma(dk_ref, d_s(plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)), q_t)
 
-      return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in (zero, zero, dk)))[2]
+      return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in (zero, dk)))[1]
 
     @pl.when(wg == 0)
     def _dv():
@@ -162,14 +169,16 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     smem = (
       tiled_smem((bk, h), dtype),
       tiled_smem((bk, h), dtype),
-      plgpu.SMEM((bk,), jnp.int32),
       *query_ring_smem(st, bq, h, dtype),
+      plgpu.SMEM((bk,), jnp.int32),  # after the swizzled tiles: no alignment padding
+      tiled_smem((st, bk, bq), P_DTYPE),  # P^T, one tile per stage
     )
     bars = (
       plgpu.Barrier(num_barriers=3),
       *query_ring_barriers(st),
       plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
       plgpu.Barrier(num_arrivals=WGS, num_barriers=1),
+      plgpu.Barrier(num_barriers=st),  # P^T of a stage is in smem
     )
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
 
