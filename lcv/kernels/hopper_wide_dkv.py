@@ -143,7 +143,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       def body(refs):
         dp_ref, dk_ref = refs
         plgpu.wgmma(dp_ref, v_smem, plgpu.transpose_ref(do_t, (1, 0)))
-        # dP^T runs on the tensor cores while this consumer waits for P^T.
+        # dP^T, issued first, runs on the tensor cores while the dV consumer forms P^T.
         plgpu.wgmma(dk_ref, d_s(plgpu.wgmma_accumulator_load(dp_ref, wait_n=0)), q_t)
 
       return pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in (zero, dk)))[1]
@@ -170,7 +170,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       tiled_smem((bk, h), dtype),
       tiled_smem((bk, h), dtype),
       *query_ring_smem(st, bq, h, dtype),
-      plgpu.SMEM((bk,), jnp.int32),  # after the swizzled tiles: no alignment padding
+      plgpu.SMEM((bk,), jnp.int32),
       tiled_smem((st, bk, bq), P_DTYPE),  # P^T, one tile per stage
     )
     bars = (
