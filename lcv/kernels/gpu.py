@@ -3,11 +3,10 @@
 The `impl="pallas_gpu"` backend of `lcv.attention.attend` and of the ring's per-step kernel. The
 choice is made per call, from static facts only (device capability, dtype, head dim), so it is
 fixed at trace time: sm_90 GPUs with bf16 / fp16 inputs and head dim 64, 128 or 256 run the
-Mosaic GPU kernels (wgmma, TMA, warp specialization; at 256 the backward is the portable
-kernel's); anything else, and calls with the portable kernel's own options (`block_sizes`,
-`interpret=True`), run the portable Pallas kernel (`flash_gpu`). Both have the same contract
-(docs/internals.md), so a caller never sees which one ran; `kernel=` (or the environment
-variable LCV_GPU_KERNEL) forces one: "hopper" | "portable".
+Mosaic GPU kernels (wgmma, TMA, warp specialization); anything else, and calls with the portable
+kernel's own options (`block_sizes`, `interpret=True`), run the portable Pallas kernel
+(`flash_gpu`). Both have the same contract (docs/internals.md), so a caller never sees which one
+ran; `kernel=` (or the environment variable LCV_GPU_KERNEL) forces one: "hopper" | "portable".
 """
 
 from __future__ import annotations

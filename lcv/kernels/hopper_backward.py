@@ -77,6 +77,7 @@ from lcv.kernels.hopper_pipeline import (
   issue,
   launch,
   mma,
+  own_range,
   prepare,
   produce,
   produce_kv,
@@ -145,7 +146,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         plgpu.barrier_wait(row_bars.at[i * wgs + wg])
       lse_r, dl_r = vec(lse_smem, 1, p.interpret), vec(dl_smem, 1, p.interpret)
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
-      w = [rng[2 + i] if wgs == 1 else jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      w = own_range(rng, wg, wgs)
       dq = zeros((bq, h), plgpu.Layout.WGMMA, p.interpret)
       shape = (bq, bk)
 
@@ -340,7 +341,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       for i in range(len(srcs)):
         plgpu.barrier_wait(kv_bars.at[i * WGS + wg])
       key = vec(kid_smem, 1, p.interpret)
-      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      w = own_range(rng, wg)
       shape = (bk, bq)
       wgmma = plgpu.Layout.WGMMA
 

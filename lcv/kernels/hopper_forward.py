@@ -48,6 +48,7 @@ from lcv.kernels.hopper_pipeline import (
   drain,
   launch,
   mma,
+  own_range,
   run_range_carried,
   tiled_smem,
   vec,
@@ -100,7 +101,7 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       for bar in (q_bars, lo_bars, hi_bars):
         plgpu.barrier_wait(bar.at[wg])
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
-      w = [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+      w = own_range(rng, wg)
 
       wgmma = plgpu.Layout.WGMMA
       row = wgmma.reduce(1)

@@ -146,6 +146,14 @@ def cta_ranges(r, wgs: int = WGS):
   return jnp.concatenate([c0[..., None], c1[..., None], w], -1).astype(jnp.int32)
 
 
+def own_range(rng, wg, wgs: int = WGS):
+  """Consumer `wg`'s (first, full first, full end, end) from its CTA's `cta_ranges` row `rng`
+  (a list of scalars)."""
+  if wgs == 1:
+    return rng[2:6]
+  return [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+
+
 def run_range(c0, c1, w, step, carry):
   """A consumer's pass over its CTA's tile range [c0, c1): five loops, the mode fixed per loop.
 
