@@ -38,7 +38,8 @@ slower on 3 stages than on 2, so the deeper ring costs there, reason not known):
 keeps the serial schedule, a wait per step's products, on 2 stages.
 
 Each kernel takes the register split measured faster for it (`hopper_pipeline`): 240 / 24 per
-consumer / producer thread for dQ and the serial dK/dV schedule, 232 / 40 for the pipelined one.
+consumer / producer thread for dQ and the serial dK/dV schedule, 232 / 40 for the pipelined one,
+256 / 24 for the dQ kernel's single consumer at H = 256 (a CTA of 2 x 128 threads has room).
 Rescheduling the products was tried again with 240 registers (H200, "Eighth round" in
 benchmarks/NOTES.md): the serial dK/dV with S^T and dP^T issued together and P^T formed while
 dP^T runs was 6% slower without GQA and level with the pipelined schedule with it; the pipelined
@@ -69,6 +70,7 @@ from lcv.kernels.hopper_pipeline import (
   LOG2E,
   PRODUCER_REGISTERS,
   ROWS,
+  SOLO_REGISTERS,
   WGS,
   WIDE_REGISTERS,
   Plan,
@@ -104,6 +106,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   b, _, n, h = q.shape
   bq, bk, st, dtype = ROWS, p.bk, p.stages, q.dtype
   wgs = p.dq_consumers
+  registers = WIDE_REGISTERS if wgs == WGS else SOLO_REGISTERS
   k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(k_range, wgs)
   n_cta = p.t_pad // (bq * wgs)
@@ -122,7 +125,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg < wgs)
     def _consumer():
-      plgpu.set_max_registers(WIDE_REGISTERS[0], action="increase")
+      plgpu.set_max_registers(registers[0], action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       lse_smem, dl_smem, lo_smem, hi_smem = (
         f_smem.at[0, wg],
@@ -202,7 +205,7 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     def _producer():
       kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, kid_bars), (v_ref, v_smem, v_bars))
       kv_head, free = lax.div(head, jnp.int32(p.groups)), (k_free, v_free)
-      produce_kv(bi, kv_head, bk, c0, c1, st, kv, free, WIDE_REGISTERS[1])
+      produce_kv(bi, kv_head, bk, c0, c1, st, kv, free, registers[1])
 
   def entry(*refs):
     smem = (

@@ -49,6 +49,11 @@ WGS = 2  # consumer warpgroups per CTA
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
 WIDE_REGISTERS = (240, 24)  # (consumer, producer)
+# A CTA of one consumer and the producer (the dQ kernel at H = 256, 2 x 128 threads) has room
+# for setmaxnreg's ceiling, 256, per consumer thread. That kernel spills either way (ptxas: 592
+# bytes of spill stores at 240, 344 at 256); 256 made it 3-6% faster on an H200, bitwise equal
+# (benchmarks/NOTES.md, "Tenth round").
+SOLO_REGISTERS = (256, 24)
 
 
 @dataclasses.dataclass(frozen=True)

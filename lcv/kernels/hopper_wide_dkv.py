@@ -14,7 +14,9 @@ FlashAttention-3's (arXiv 2407.08608, section 3; `hopper_pipeline`):
 So a tile pair costs 4 products, 7 with the dQ kernel's 3, as at H <= 128, and the consumers carry
 two products each. On an H200 handing P^T over made the kernel 1.1-1.6x faster than forming S^T
 in both consumers (5 products); the gain without GQA (1.6x) is larger than the product count
-explains, reason not known (benchmarks/NOTES.md, "Ninth round").
+explains, reason not known (benchmarks/NOTES.md, "Ninth round"). At H = 128 the same kernel was
+13-57% slower than `hopper_backward.dkv` (64 keys per CTA stream the query side twice as often;
+"Tenth round"), so it runs only at 256.
 
 Shared memory holds K and V [64, 256] (64 KB), a 2-stage query-side ring (q and dO, 128 KB) and
 P^T per stage (16 KB): 64 keys per CTA, half of `hopper_backward.dkv`'s. The producer copies K, V
