@@ -72,10 +72,16 @@ def _forward(p, q, k, v, q_lo, q_hi, k_idx):
   return o[:, : p.t], lse[:, :, : p.t]
 
 
+def dkv_kernel(p):
+  """The dK/dV kernel of a plan: `hopper_backward.dkv` up to H = 128, `hopper_wide_dkv.dkv`
+  above (the former's consumer would hold dK and dV, [64, 256] float32, 256 registers)."""
+  return hopper_backward.dkv if p.h <= 128 else hopper_wide_dkv.dkv
+
+
 def _backward(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
   args = hopper_backward.operands(p, q, k, v, o, lse, do, q_lo, q_hi, k_idx, dlse)
   dq = hopper_backward.dq(p, *args)[:, : p.t]
-  dk, dv = (hopper_backward.dkv if p.h <= 128 else hopper_wide_dkv.dkv)(p, *args)
+  dk, dv = dkv_kernel(p)(p, *args)
   return dq, dk[:, : p.s], dv[:, : p.s]
 
 
