@@ -49,6 +49,8 @@ Registers per consumer thread of the pipelined schedule at H = 128: dK and dV [6
 (64 each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first
 issue, dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query
 tiles of 128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
+At H = 64 dK and dV take 32 registers each and the kernel runs 128-row query tiles
+(`hopper_pipeline.plan`).
 
 delta = rowsum(dO * O) - dlse and lse2, the base-2 lse with +inf on empty rows (so P = 0
 there), come from `operands`, as in `flash_gpu`.

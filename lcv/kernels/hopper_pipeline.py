@@ -92,7 +92,12 @@ def plan(q, k, scale, interpret) -> Plan:
 
   Key tiles are 128 wide, 64 at H = 256, where a forward consumer holds O [64, 256] in float32
   (128 registers per thread) and S of a 128-key tile would take 64 more (H200: 659-691 TFLOP/s
-  at 16K causal with 64-key tiles, 1.06-1.11x cuDNN, benchmarks/NOTES.md)."""
+  at 16K causal with 64-key tiles, 1.06-1.11x cuDNN, benchmarks/NOTES.md).
+
+  The dK/dV kernel's query tiles are 64 rows, 128 at H = 64, where a consumer's dK and dV
+  ([64, 64] float32) leave room for S^T and dP^T of 128 queries (64 registers each): on an H200
+  the dK/dV kernel at H = 64 ran 10% faster with them under GQA (32 / 8 heads) and on packed
+  rows, level on plain causal rows (benchmarks/NOTES.md, "Eleventh round")."""
   _, t, n, h = q.shape
   s = k.shape[1]
   bk = 128 if h <= 128 else 64
@@ -110,7 +115,7 @@ def plan(q, k, scale, interpret) -> Plan:
     h=h,
     groups=n // k.shape[2],
     bk=bk,
-    bq_dkv=64,
+    bq_dkv=128 if h <= 64 else 64,
     stages=2,
     stages_dkv=3,
     scale=float(h**-0.5 if scale is None else scale),

@@ -82,12 +82,14 @@ def test_cta_ranges_partition_the_cta_range():
 
 def test_interpreter_packed_gqa_padding():
   """Two packed samples with frames, GQA 2:1, T and S not multiples of the tiles (padding), a
-  key range longer than the two smem stages: forward and gradients in the interpreter."""
+  key range longer than the two smem stages: forward and gradients in the interpreter (at
+  H = 64 the dK/dV kernel runs 128-row query tiles)."""
   rng = np.random.default_rng(0)
   b, t, n, kh, h = 1, 200, 2, 1, 64
   seg, fr = _layout(rng, b, t, 24, 2, 5)
   lo, hi = masks.intervals(seg, fr)
   q, k, v, do = _inputs(rng, b, t, t, n, kh, h, jnp.bfloat16)
+  assert hopper_pipeline.plan(q, k, None, None).bq_dkv == 128
   _check(q, k, v, do, lo, hi, masks.key_indices(b, t))
 
 
