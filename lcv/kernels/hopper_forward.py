@@ -1,11 +1,19 @@
 """The Hopper attention forward kernel (`lcv_hopper_fwd`): FlashAttention-3's ping-pong schedule.
 
 FlashAttention-3 (arXiv 2407.08608, section 3): a CTA holds 128 query rows as two consumer
-warpgroups of 64 rows; the producer warpgroup streams the CTA's key tiles (K, their global
-indices, V) through a ring of two shared-memory stages (`hopper_pipeline`). The consumers take
-turns on the tensor cores (the "ping-pong" of section 3.1) through one one-way barrier each: a
-consumer hands the tensor cores over right after issuing its products and waits for its own
-turn before the next issue, so one warpgroup's softmax overlaps the other's matmuls.
+warpgroups of 64 rows (192 rows, three consumers, at H = 64: `Plan.fwd_consumers`); the
+producer warpgroup streams the CTA's key tiles (K, their global indices, V) through a ring of two
+shared-memory stages (`hopper_pipeline`). The consumers take turns on the tensor cores (the
+"ping-pong" of section 3.1) through one one-way barrier each: a consumer hands the tensor cores
+over to the next one right after issuing its products and waits for its own turn before the next
+issue, so one warpgroup's softmax overlaps the others' matmuls.
+
+At H = 64 a tile's two products take half as long as at 128 and its softmax as long, so with two
+consumers the tensor cores wait for the softmax; a third consumer (FA3's tile at that head dim,
+160 registers per consumer thread) made the forward 8-15% faster on an H200, 1.04-1.11x cuDNN
+(benchmarks/NOTES.md, "Twelfth round"). Two other ways to unload the softmax there were slower:
+a share of each tile's exp2 as a polynomial on the FMA units (FlashAttention-4's trick; 2-15%
+slower, the more columns the slower) and deeper K/V rings (3-5%).
 
 Within a turn, a consumer issues PV of tile j - 1 and QK^T of tile j back to back and awaits
 them together, so the tensor cores get both products of the turn without a wait-and-reissue
@@ -40,6 +48,7 @@ from lcv.kernels.hopper_pipeline import (
   LOG2E,
   PRODUCER_REGISTERS,
   ROWS,
+  TRIO_REGISTERS,
   WGS,
   Plan,
   bcast,
@@ -65,8 +74,10 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
   b, _, n, h = q.shape
   bq, bk, st, dtype = ROWS, p.bk, p.stages, q.dtype
   k_range, _ = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
-  ranges = cta_ranges(k_range)
-  n_cta = p.t_pad // (bq * WGS)
+  wgs = p.fwd_consumers
+  registers = (CONSUMER_REGISTERS, PRODUCER_REGISTERS) if wgs == WGS else TRIO_REGISTERS
+  ranges = cta_ranges(k_range, wgs)
+  n_cta = p.t_pad // (bq * wgs)
   c = p.scale * LOG2E
 
   def kernel(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref, scoped):
@@ -76,32 +87,32 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
     head = lax.axis_index("heads")
     tile = n_cta - 1 - lax.axis_index("q_seq")  # longest (causal) rows first: a shorter tail
     wg = lax.axis_index("wg")
-    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    rng = [rng_ref[bi, tile, i] for i in range(2 + 4 * wgs)]
     c0, c1 = rng[0], rng[1]
 
-    def hand_over():  # the other consumer's turn may begin ...
-      plgpu.barrier_arrive(sched.at[1 - wg])
+    def hand_over():  # the next consumer's turn may begin ...
+      plgpu.barrier_arrive(sched.at[lax.rem(wg + 1, wgs)])
 
     def take_turn():  # ... and this one waits for its own
       plgpu.barrier_wait(sched.at[wg])
 
-    @pl.when(wg < WGS)
+    @pl.when(wg < wgs)
     def _consumer():
-      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+      plgpu.set_max_registers(registers[0], action="increase")
       q_smem, lo_smem, hi_smem, lse_smem = (
         q_smem2.at[wg],
         lo_smem2.at[wg],
         hi_smem2.at[wg],
         lse_smem2.at[wg],
       )
-      row0 = tile * (bq * WGS) + wg * bq
+      row0 = tile * (bq * wgs) + wg * bq
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, bq), head], q_smem, q_bars.at[wg])
       plgpu.copy_gmem_to_smem(lo_ref.at[bi, pl.ds(row0, bq)], lo_smem, lo_bars.at[wg])
       plgpu.copy_gmem_to_smem(hi_ref.at[bi, pl.ds(row0, bq)], hi_smem, hi_bars.at[wg])
       for bar in (q_bars, lo_bars, hi_bars):
         plgpu.barrier_wait(bar.at[wg])
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
-      w = own_range(rng, wg)
+      w = own_range(rng, wg, wgs)
 
       wgmma = plgpu.Layout.WGMMA
       row = wgmma.reduce(1)
@@ -201,14 +212,14 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
           hand_over()
         return acc, m, l, p_prev
 
-      pl.when(wg == 1)(hand_over)  # consumer 0 takes the first turn
+      pl.when(wg == wgs - 1)(hand_over)  # consumer 0 takes the first turn
       p16 = zeros((bq, bk), wgmma, p.interpret).astype(dtype)
       carry = run_range_carried(c0, c1, w, step, (acc, m, l, p16))
       fin = ((w[0] < w[3]) & (w[3] == c1)).astype(jnp.int32)
       carry = lax.fori_loop(0, fin, functools.partial(final_turn, pending=True), carry)
       carry = lax.fori_loop(fin, 1, functools.partial(final_turn, pending=False), carry)
       acc, m, l, _ = carry
-      pl.when(wg == 0)(take_turn)  # consumer 1's last hand-over
+      pl.when(wg == 0)(take_turn)  # the last consumer's last hand-over
 
       some = l > 0.0
       inv = jnp.where(some, 1.0 / jnp.where(some, l, 1.0), 0.0)
@@ -219,34 +230,34 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, head, pl.ds(row0, bq)])
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # smem is read; the kernel may end
 
-    @pl.when(wg == WGS)
+    @pl.when(wg == wgs)
     def _producer():
       kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, k_bars), (v_ref, v_smem, v_bars))
       kv_head = lax.div(head, jnp.int32(p.groups))
-      _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free))
+      _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free), registers[1])
 
   def entry(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref):
     smem = (
-      tiled_smem((WGS, bq, h), dtype),
+      tiled_smem((wgs, bq, h), dtype),
       tiled_smem((st, bk, h), dtype),
       tiled_smem((st, bk, h), dtype),
       plgpu.SMEM((st, bk), jnp.int32),
-      plgpu.SMEM((WGS, bq), jnp.int32),
-      plgpu.SMEM((WGS, bq), jnp.int32),
-      plgpu.SMEM((WGS, bq), jnp.float32),
+      plgpu.SMEM((wgs, bq), jnp.int32),
+      plgpu.SMEM((wgs, bq), jnp.int32),
+      plgpu.SMEM((wgs, bq), jnp.float32),
     )
     bars = (
-      plgpu.Barrier(num_barriers=WGS),
-      plgpu.Barrier(num_barriers=WGS),
-      plgpu.Barrier(num_barriers=WGS),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_arrivals=2, num_barriers=st),  # K and its key indices
       plgpu.Barrier(num_barriers=st),
       # Unused (the key indices arrive on K's barrier); kept so that the shared-memory layout
       # stays the one measured (benchmarks/NOTES.md).
       plgpu.Barrier(num_barriers=st),
-      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
-      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),
-      plgpu.Barrier(num_barriers=WGS),  # turns: one one-way barrier per consumer
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=st),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=st),
+      plgpu.Barrier(num_barriers=wgs),  # turns: one one-way barrier per consumer
     )
     pl.run_scoped(
       lambda *scoped: kernel(
@@ -267,6 +278,7 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
     (n, n_cta, b),
     "q_seq",
     p,
+    wgs,
   )(ranges, q, k, v, lo, hi, kid)
 
 
@@ -294,13 +306,13 @@ def _qk_pv(p: Plan, q_smem, k_smem, acc, p_prev, v_smem, issued):
   return s, acc
 
 
-def _produce_kv_split(bi, kv_head, bk, c0, c1, stages, kv, free_bars):
+def _produce_kv_split(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers):
   """The forward's producer: it waits for a stage's K slot and V slot separately.
 
   The consumers free V of tile j only in the turn of tile j + 1, after they have waited for K of
   tile j + 1: that K must not wait for the V slot too.
   """
-  plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+  plgpu.set_max_registers(registers, action="decrease")
   k_free, v_free = free_bars
   for i in range(stages):
 

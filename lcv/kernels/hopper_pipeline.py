@@ -2,9 +2,10 @@
 
 Every kernel of `flash_hopper` has FlashAttention-3's structure (arXiv 2407.08608, section 3):
 one CTA holds 128 rows (query rows in the forward and dQ kernels, key rows in the dK/dV kernel)
-as two *consumer* warpgroups of 64 rows each, plus one *producer* warpgroup that streams the
-other side's tiles into a ring of shared-memory stages with the bulk tensor copy engine (TMA),
-each stage guarded by a "loaded" and a "free" barrier. This module holds what they share:
+as two *consumer* warpgroups of 64 rows each (the forward at H = 64: three, 192 rows; the dQ
+kernel at H = 256: one), plus one *producer* warpgroup that streams the other side's tiles into
+a ring of shared-memory stages with the bulk tensor copy engine (TMA), each stage guarded by a
+"loaded" and a "free" barrier. This module holds what they share:
 
 - `Plan`, the static facts of one call, and `prepare`, the padded operands;
 - `cta_ranges`: the per-CTA tile ranges from `flash_gpu.tile_ranges`, and `run_range` /
@@ -54,6 +55,9 @@ WIDE_REGISTERS = (240, 24)  # (consumer, producer)
 # bytes of spill stores at 240, 344 at 256); 256 made it 3-6% faster on an H200, bitwise equal
 # (benchmarks/NOTES.md, "Tenth round").
 SOLO_REGISTERS = (256, 24)
+# Three consumers and the producer (the forward at H <= 64, `Plan.fwd_consumers`): 4 x 128
+# threads share the 64K registers, FA3's split for its three-consumer forward.
+TRIO_REGISTERS = (160, 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Plan:
 
   t: int
   s: int
+  fwd_consumers: int  # consumer warpgroups (64 query rows each) of a forward CTA
   t_pad: int
   s_pad: int
   h: int
@@ -87,8 +92,17 @@ class Plan:
     return WGS if self.h <= 128 else 1
 
 
-def plan(q, k, scale, interpret) -> Plan:
+def plan(q, k, scale, interpret, fwd_consumers: int | None = None) -> Plan:
   """The plan of a call on q [B, T, N, H], k [B, S, K, H] (H in 64, 128, 256: `flash_hopper`).
+
+  A forward CTA has two consumer warpgroups, three at H = 64 (FA3's 192-row tile there): a
+  consumer then holds O [64, 64], S [64, 128] and P in 160 registers, and a third one keeps the
+  tensor cores busy while two run their softmax. On an H200 that forward ran 8-15% faster
+  than with two (benchmarks/NOTES.md, "Twelfth round"). T is padded to whole CTAs of both
+  passes (384 rows at H = 64). In Mosaic GPU's interpreter the default stays two: there each
+  warpgroup is a thread running its own XLA CPU computation, and with one CPU device on a
+  2-core host a CTA of four threads stalled in its barrier waits (8 devices ran it).
+  `fwd_consumers` overrides the default (2 or 3; tests run both in the interpreter).
 
   Key tiles are 128 wide, 64 at H = 256, where a forward consumer holds O [64, 256] in float32
   (128 registers per thread) and S of a 128-key tile would take 64 more (H200: 659-691 TFLOP/s
@@ -107,10 +121,17 @@ def plan(q, k, scale, interpret) -> Plan:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     interpret = InterpretGPUParams()
+  if fwd_consumers is None:
+    fwd_consumers = 3 if h <= 64 and not interpret else WGS
+  if fwd_consumers not in (WGS, 3) or (fwd_consumers == 3 and h > 64):
+    raise ValueError(f"{fwd_consumers=} must be 2, or 3 at head dim 64 ({h=})")
+  # Query rows: whole forward CTAs and whole dQ / dK/dV query tiles (384 at H = 64).
+  q_tile = math.lcm(tile, ROWS * fwd_consumers)
   return Plan(
     t=t,
     s=s,
-    t_pad=pl.cdiv(t, tile) * tile,
+    fwd_consumers=fwd_consumers,
+    t_pad=pl.cdiv(t, q_tile) * q_tile,
     s_pad=pl.cdiv(s, tile) * tile,
     h=h,
     groups=n // k.shape[2],
@@ -159,9 +180,10 @@ def cta_ranges(r, wgs: int = WGS):
 def own_range(rng, wg, wgs: int = WGS):
   """Consumer `wg`'s (first, full first, full end, end) from its CTA's `cta_ranges` row `rng`
   (a list of scalars)."""
-  if wgs == 1:
-    return rng[2:6]
-  return [jnp.where(wg == 0, rng[2 + i], rng[6 + i]) for i in range(4)]
+  out = rng[2 + 4 * (wgs - 1) : 6 + 4 * (wgs - 1)]
+  for other in range(wgs - 2, -1, -1):
+    out = [jnp.where(wg == other, rng[2 + 4 * other + i], x) for i, x in enumerate(out)]
+  return out
 
 
 def run_range(c0, c1, w, step, carry):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from lcv import masks
-from lcv.kernels import flash_gpu, flash_hopper, hopper_pipeline
+from lcv.kernels import flash_gpu, flash_hopper, hopper_forward, hopper_pipeline
 from tests.kernels.test_flash_gpu import _layout
 
 TOL = {jnp.bfloat16: 2e-2, jnp.float16: 1e-2}
@@ -80,6 +80,22 @@ def test_cta_ranges_partition_the_cta_range():
       assert c0 <= w[0] <= w[1] <= w[2] <= w[3] <= c1
 
 
+def test_own_range_of_three_consumers():
+  """`cta_ranges` and `own_range` of CTAs of three consumers (the forward at H = 64): each
+  consumer reads back its own four bounds, clipped into the CTA range."""
+  r = jnp.asarray(
+    [[[0, 1, 3, 4], [2, 2, 5, 6], [7, 7, 7, 7], [1, 1, 2, 3], [9, 9, 9, 9], [9, 9, 9, 9]]],
+    jnp.int32,
+  )
+  rows = np.asarray(hopper_pipeline.cta_ranges(r, 3))[0]
+  np.testing.assert_array_equal(rows[0], [0, 6, 0, 1, 3, 4, 2, 2, 5, 6, 0, 0, 0, 0])
+  np.testing.assert_array_equal(rows[1], [1, 3, 1, 1, 2, 3, 1, 1, 1, 1, 1, 1, 1, 1])
+  for row in rows:
+    for wg in range(3):
+      got = [int(x) for x in hopper_pipeline.own_range(list(row), jnp.int32(wg), 3)]
+      assert got == list(row[2 + 4 * wg : 6 + 4 * wg]), (wg, got)
+
+
 def test_interpreter_packed_gqa_padding():
   """Two packed samples with frames, GQA 2:1, T and S not multiples of the tiles (padding), a
   key range longer than the two smem stages: forward and gradients in the interpreter (at
@@ -124,14 +140,9 @@ def test_interpreter_zigzag_chunk_and_rows_without_keys():
   assert np.all(np.asarray(dq, np.float32)[0, empty] == 0)
 
 
-def test_interpreter_forward_every_layout():
-  """The forward in the interpreter on one row that holds all layouts: a sample of causal text,
-  27-token frames (frame-block-causal) and text; a packed second sample with a 24-token frame;
-  padding rows; and a key chunk (S != T, not a multiple of the tiles) that the first rows do not
-  see (o = 0, lse = -inf there). The forward carries a tile's PV into the next tile's turn; here
-  consumers' own tiles start after their CTA's (rows 320-383), end before them (rows 256-319)
-  and hold a run of unmasked tiles (rows 192-255)."""
-  rng = np.random.default_rng(21)
+def _every_layout(rng):
+  """One row that holds all layouts (`test_interpreter_forward_every_layout`): (q, k, v, lo, hi,
+  kid), the keys a chunk the first 32 rows do not see."""
   t, h = 384, 64
   seg = np.repeat(np.int32([1, 2, 0]), [300, 60, 24])[None]
   fr = np.full((1, t), -1, np.int32)
@@ -141,7 +152,17 @@ def test_interpreter_forward_every_layout():
   idx = np.r_[32:224, 256:384]  # rows 0-31 see none of these keys
   kid = jnp.asarray(idx[None], jnp.int32)
   q, k, v, _ = _inputs(rng, 1, t, t, 1, 1, h, jnp.bfloat16)
-  k, v = k[:, idx], v[:, idx]
+  return q, k[:, idx], v[:, idx], lo, hi, kid
+
+
+def test_interpreter_forward_every_layout():
+  """The forward in the interpreter on one row that holds all layouts: a sample of causal text,
+  27-token frames (frame-block-causal) and text; a packed second sample with a 24-token frame;
+  padding rows; and a key chunk (S != T, not a multiple of the tiles) that the first rows do not
+  see (o = 0, lse = -inf there). The forward carries a tile's PV into the next tile's turn; here
+  consumers' own tiles start after their CTA's (rows 320-383), end before them (rows 256-319)
+  and hold a run of unmasked tiles (rows 192-255)."""
+  q, k, v, lo, hi, kid = _every_layout(np.random.default_rng(21))
   o, lse = flash_hopper.forward(q, k, v, lo, hi, kid)
   ro, rlse = flash_hopper.attention_reference(q, k, v, lo, hi, kid)
   assert o.dtype == q.dtype and lse.dtype == jnp.float32
@@ -152,6 +173,27 @@ def test_interpreter_forward_every_layout():
   assert np.array_equal(np.isneginf(lse), np.isneginf(rlse))
   np.testing.assert_allclose(lse[~np.isneginf(rlse)], rlse[~np.isneginf(rlse)], atol=2e-2)
   assert np.all(np.asarray(o, np.float32)[0, empty] == 0)
+
+
+def test_interpreter_forward_three_consumers():
+  """The forward with three consumers per CTA (its schedule at H = 64 on a GPU; two in the
+  interpreter by default, `hopper_pipeline.plan`) on the every-layout row: turns rotate over
+  three warpgroups and the CTA holds 192 rows, so consumer ranges fall differently. Every row
+  of (o, lse) equals the two-consumer forward's bit for bit; that one is checked against the
+  dense twin above."""
+  q, k, v, lo, hi, kid = _every_layout(np.random.default_rng(21))
+  outs = []
+  for wgs in (2, 3):
+    p = hopper_pipeline.plan(q, k, None, None, fwd_consumers=wgs)
+    assert p.t_pad == 384 and p.fwd_consumers == wgs
+    outs.append(hopper_forward.forward(p, *hopper_pipeline.prepare(p, q, k, v, lo, hi, kid)))
+  (o2, l2), (o3, l3) = outs
+  np.testing.assert_array_equal(np.asarray(o3, np.float32), np.asarray(o2, np.float32))
+  np.testing.assert_array_equal(np.asarray(l3), np.asarray(l2))
+  assert hopper_pipeline.plan(q, k, None, None).fwd_consumers == 2  # the interpreter's default
+  assert hopper_pipeline.plan(q, k, None, False).fwd_consumers == 3  # compiled, H = 64
+  with pytest.raises(ValueError, match="fwd_consumers=3 must be 2, or 3 at head dim 64"):
+    hopper_pipeline.plan(jnp.zeros((1, 8, 1, 128)), jnp.zeros((1, 8, 1, 128)), None, None, 3)
 
 
 @pytest.mark.parametrize("kh", [2, 4], ids=["gqa", "mha"])  # the two dK/dV schedules
