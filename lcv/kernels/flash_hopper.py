@@ -13,10 +13,12 @@ tiles in the CTA's range, so skipped tiles cost no loads and no FLOPs; each cons
 own part of that range into boundary tiles (elementwise mask from the row intervals and the
 tile's key indices) and a run of full tiles (no mask arithmetic), with the mode fixed per loop.
 
-The modules, imported one way (this one uses the other four):
+The modules, imported one way (this one uses the other five):
 - `hopper_pipeline`: the shared pieces (plan, tile ranges, producers, wgmma helpers, launch);
 - `hopper_forward`: the forward kernel (FA3's ping-pong between the consumers, section 3.1);
 - `hopper_backward`: the dQ and the dK/dV kernels (FlashAttention-2's split of the backward);
+- `hopper_fused_backward`: the backward as one kernel with dQ reduce-added (FA3's), which runs
+  at H = 128 without GQA (`Plan.fused_backward`);
 - `hopper_wide_dkv`: the dK/dV kernel at H = 256 (one consumer per gradient);
 - this module: the public API (`supported`, `forward`, `backward`, `attention`,
   `attention_reference`), the checks and the custom VJP.
@@ -34,6 +36,7 @@ from lcv.kernels import (
   flash_gpu,
   hopper_backward,
   hopper_forward,
+  hopper_fused_backward,
   hopper_pipeline,
   hopper_wide_dkv,
   with_vjp,
@@ -80,8 +83,12 @@ def dkv_kernel(p):
 
 def _backward(p, q, k, v, o, lse, do, dlse, q_lo, q_hi, k_idx):
   args = hopper_backward.operands(p, q, k, v, o, lse, do, q_lo, q_hi, k_idx, dlse)
-  dq = hopper_backward.dq(p, *args)[:, : p.t]
-  dk, dv = dkv_kernel(p)(p, *args)
+  if p.fused_backward:  # dQ comes as an unscaled float32 sum: scaled and cast once
+    dq, dk, dv = hopper_fused_backward.dkv_dq(p, *args)
+    dq = (dq[:, : p.t] * p.scale).astype(q.dtype)
+  else:
+    dq = hopper_backward.dq(p, *args)[:, : p.t]
+    dk, dv = dkv_kernel(p)(p, *args)
   return dq, dk[:, : p.s], dv[:, : p.s]
 
 

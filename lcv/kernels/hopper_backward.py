@@ -13,13 +13,13 @@ FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopp
 - dK/dV: a CTA holds 128 key rows (two consumers of 64); the producer streams query-side tiles
   (q, dO, lse, delta, lo, hi) of the CTA's query-tile range, for every head of the GQA group in
   turn, so dK and dV are summed over the group in float32 registers. That query-side ring
-  (`query_ring_smem`, `produce_queries`, `wait_queries`, `probabilities_t`, `delta_t`) is shared
-  with the H = 256 dK/dV kernel, `hopper_wide_dkv`.
+  (`query_ring_smem`, `query_loader`, `produce_queries`, `wait_queries`, `probabilities_t`,
+  `delta_t`) is shared with the H = 256 dK/dV kernel, `hopper_wide_dkv`, and the fused backward,
+  `hopper_fused_backward`.
 
-Both recompute S and P (7 products per tile pair). Three single kernels that also reduce-add dQ
-(FA3's appendix B, 5 products) were 8-51% slower on an H200 (benchmarks/NOTES.md): the dQ
-product (A read transposed from smem), its staging and the reduce-add sat on the consumers'
-critical path.
+Both recompute S and P (7 products per tile pair). At H = 128 without GQA the backward runs as
+one kernel instead (`hopper_fused_backward`, FA3's appendix B, 5 products, 2-5% faster on an
+H200); three earlier single kernels had been 8-51% slower (benchmarks/NOTES.md).
 
 The dK/dV schedule is software-pipelined inside a consumer: per query tile t it runs
 
@@ -255,9 +255,9 @@ def query_ring_barriers(st: int):
   return tuple(plgpu.Barrier(num_barriers=st) for _ in range(6))
 
 
-def produce_queries(gmem, ring, loaded, free, bi, kv_head, g, c0, span, bq, st):
-  """Producer of the dK/dV kernels: query tiles c0..c0+span-1 of each of the g heads of
-  `kv_head`'s group, in that order, into the ring. gmem: (q, dO, lse2, delta, lo, hi) refs."""
+def query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq):
+  """load(t, slot): the copies of stream position t, query tile c0 + t % span of head t // span
+  of `kv_head`'s group of g heads, into `slot` of the ring. gmem: (q, dO, lse2, delta, lo, hi)."""
   q_smem, do_smem, f_smem, i_smem = ring
   q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref = gmem
 
@@ -276,6 +276,13 @@ def produce_queries(gmem, ring, loaded, free, bi, kv_head, g, c0, span, bq, st):
     for (src, dst), bar in zip(copies, loaded):
       plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
 
+  return load
+
+
+def produce_queries(gmem, ring, loaded, free, bi, kv_head, g, c0, span, bq, st):
+  """Producer of the dK/dV kernels: query tiles c0..c0+span-1 of each of the g heads of
+  `kv_head`'s group, in that order, into the ring (`query_loader`)."""
+  load = query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq)
   produce(jnp.int32(0), span * g, st, load, free)
 
 

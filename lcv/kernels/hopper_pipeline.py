@@ -85,6 +85,14 @@ class Plan:
     return self.scale > 0
 
   @property
+  def fused_backward(self) -> bool:
+    """Whether the backward runs as one kernel (`hopper_fused_backward`, 5 products per tile
+    pair) instead of the dQ and dK/dV kernels (7): at H = 128 without GQA, where it was 2-5%
+    faster on an H200. With GQA the split pair's pipelined dK/dV schedule was level to 5%
+    faster; H = 64 and 256 have no fused form (benchmarks/NOTES.md, "Thirteenth round")."""
+    return self.h == 128 and self.groups == 1
+
+  @property
   def dq_consumers(self) -> int:
     """Consumer warpgroups of the dQ kernel: two, or one at H = 256, where two consumers' Q and
     dO tiles (128 KB) and a 2-stage K/V ring of 64-key tiles (128 KB) would not fit in the

@@ -1,5 +1,6 @@
 """The Hopper backward kernels (`lcv.kernels.hopper_backward`: dQ and dK/dV; `hopper_wide_dkv`:
-dK/dV at H = 256) in Mosaic GPU's interpreter with its race detector on.
+dK/dV at H = 256; `hopper_fused_backward`: the single kernel at H = 128) in Mosaic GPU's
+interpreter with its race detector on.
 
 Warpgroups run as threads with simulated barriers and bulk copies (products as plain float32
 dots), so this checks each kernel's protocol (stage rings, slot releases, the dK/dV kernel's dK
@@ -14,7 +15,13 @@ import numpy as np
 import pytest
 
 from lcv import masks
-from lcv.kernels import flash_hopper, hopper_backward, hopper_pipeline, hopper_wide_dkv
+from lcv.kernels import (
+  flash_hopper,
+  hopper_backward,
+  hopper_fused_backward,
+  hopper_pipeline,
+  hopper_wide_dkv,
+)
 
 
 def _rel(a, b):
@@ -22,20 +29,12 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-6))
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
-@pytest.mark.parametrize(
-  "kh, h", [(1, 64), (2, 64), (1, 256)], ids=["gqa-pipelined", "mha-serial", "gqa-wide"]
-)
-def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
+def _every_layout(kh, h):
   """One row holding every layout: a causal text sample, a frame-block-causal video sample, a
   packed sample of frames and text, padding rows; a key chunk of non-contiguous global indices
-  (S != T, neither a multiple of the tiles) that the first rows do not see; GQA 2:1 (the
-  pipelined dK/dV schedule) or 2:2 (the serial one), H = 64; or GQA 2:1 at H = 256 (the dQ kernel
-  with one consumer, `hopper_wide_dkv`); an lse cotangent (a ring merge sends one). dq, dk, dv
-  match the dense twin's, rows without keys get dq = 0, and neither kernel races."""
-  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
+  (S != T, neither a multiple of the tiles) that the first 32 rows do not see; 2 query heads on
+  kh kv heads. Returns (q, k, v, do, lo, hi, kid, lse, dlse, want): the dense twin's (o, lse)
+  VJP `want` (dq, dk, dv) for do and an lse cotangent (a ring merge sends one)."""
   rng = np.random.default_rng(4)
   t, n = 256, 2
   seg = np.repeat(np.int32([1, 2, 3, 0]), [80, 90, 60, 26])[None]
@@ -50,20 +49,70 @@ def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
   ref = lambda q, k, v: flash_hopper.attention_reference(q, k, v, lo, hi, kid)  # noqa: E731
   (o, lse), vjp = jax.vjp(ref, q, k, v)
   dlse = jnp.where(jnp.isfinite(lse), jnp.asarray(rng.normal(size=lse.shape), jnp.float32), 0.0)
-  want = vjp((do, dlse))
+  return q, k, v, do, lo, hi, kid, o, lse, dlse, vjp((do, dlse))
 
-  p = hopper_pipeline.plan(q, k, None, InterpretGPUParams(detect_races=True))
-  ops = hopper_backward.operands(p, q, k, v, o, lse, do, lo, hi, kid, dlse)
-  dq = jax.block_until_ready(hopper_backward.dq(p, *ops))[:, :t]
-  assert not interpret_pallas_call.get_races().races_found, "dQ kernel"
-  dkv = flash_hopper.dkv_kernel(p)
-  assert dkv is (hopper_backward.dkv if h <= 128 else hopper_wide_dkv.dkv)
-  dk, dv = (x[:, : len(idx)] for x in jax.block_until_ready(dkv(p, *ops)))
-  assert not interpret_pallas_call.get_races().races_found, "dK/dV kernel"
-  for name, g, w in zip(("dq", "dk", "dv"), (dq, dk, dv), want):
-    assert g.shape == w.shape and g.dtype == q.dtype, name
+
+def _check_gradients(got, want, lse, dtype):
+  for name, g, w in zip(("dq", "dk", "dv"), got, want):
+    assert g.shape == w.shape and g.dtype == dtype, name
     assert np.isfinite(np.asarray(g, np.float32)).all(), name
     assert _rel(g, w) < 2e-2, (name, _rel(g, w))
   empty = np.isneginf(np.asarray(lse))[0].all(0)  # rows (every head alike) with no key
   assert empty[:32].all() and empty[-26:].all() and not empty.all()
-  assert np.all(np.asarray(dq, np.float32)[0, empty] == 0)
+  assert np.all(np.asarray(got[0], np.float32)[0, empty] == 0)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
+@pytest.mark.parametrize(
+  "kh, h", [(1, 64), (2, 64), (1, 256)], ids=["gqa-pipelined", "mha-serial", "gqa-wide"]
+)
+def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
+  """The split kernels on the every-layout row (`_every_layout`): GQA 2:1 (the pipelined dK/dV
+  schedule) or 2:2 (the serial one) at H = 64, or GQA 2:1 at H = 256 (the dQ kernel with one
+  consumer, `hopper_wide_dkv`). dq, dk, dv match the dense twin's, rows without keys get
+  dq = 0, and neither kernel races."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(kh, h)
+  p = hopper_pipeline.plan(q, k, None, InterpretGPUParams(detect_races=True))
+  assert not p.fused_backward
+  ops = hopper_backward.operands(p, q, k, v, o, lse, do, lo, hi, kid, dlse)
+  dq = jax.block_until_ready(hopper_backward.dq(p, *ops))[:, : q.shape[1]]
+  assert not interpret_pallas_call.get_races().races_found, "dQ kernel"
+  dkv = flash_hopper.dkv_kernel(p)
+  assert dkv is (hopper_backward.dkv if h <= 128 else hopper_wide_dkv.dkv)
+  dk, dv = (x[:, : k.shape[1]] for x in jax.block_until_ready(dkv(p, *ops)))
+  assert not interpret_pallas_call.get_races().races_found, "dK/dV kernel"
+  _check_gradients((dq, dk, dv), want, lse, q.dtype)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
+@pytest.mark.parametrize("kh", [2, 1], ids=["mha", "gqa"])
+def test_interpreter_fused_backward_race_free_every_layout(kh):
+  """The fused backward (`hopper_fused_backward`: dQ one position behind, reduce-added by the
+  producer) at H = 128 on the every-layout row, without GQA through `flash_hopper.backward`
+  (which picks it there) and with GQA 2:1 called directly (the kernel takes any group): the
+  gradients match the dense twin's, rows without keys get dq = 0, and nothing races (the dS^T
+  exchange between the consumers, the staging buffer between consumers and producer)."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(kh, 128)
+  params = InterpretGPUParams(detect_races=True)
+  p = hopper_pipeline.plan(q, k, None, params)
+  assert p.fused_backward == (kh == 2)
+  if p.fused_backward:
+    got = flash_hopper._backward(p, q, k, v, o, lse, do, dlse, lo, hi, kid)
+  else:
+    ops = hopper_backward.operands(p, q, k, v, o, lse, do, lo, hi, kid, dlse)
+    dq, dk, dv = hopper_fused_backward.dkv_dq(p, *ops)
+    assert dq.dtype == jnp.float32
+    got = (
+      (dq[:, : q.shape[1]] * p.scale).astype(q.dtype),
+      dk[:, : k.shape[1]],
+      dv[:, : k.shape[1]],
+    )
+  jax.block_until_ready(got)
+  assert not interpret_pallas_call.get_races().races_found
+  _check_gradients(got, want, lse, q.dtype)

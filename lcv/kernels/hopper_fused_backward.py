@@ -1,0 +1,317 @@
+"""The Hopper backward at head dim 128 as one kernel: dK/dV with dQ reduce-added
+(`lcv_hopper_bwd`).
+
+FlashAttention-3's backward (arXiv 2407.08608, appendix B): 5 products per tile pair where the
+split kernels of `hopper_backward` run 7 (their dQ kernel recomputes S and dP). The CTA is the
+serial dK/dV kernel's: two consumers of 64 keys each, and the producer streaming the query-side
+tiles of every head of the GQA group. Per stream position t (a query tile of one head) a
+consumer runs
+
+    S^T = K Q_t^T -> P^T -> dV += P^T dO_t, dP^T = V dO_t^T -> dS^T_t (bf16)
+    -> wait until both dS^T_{t-1} are in smem -> put dS^T_t there
+    -> issue dK += dS^T_t Q_t and dQ_{t-1}[:, cols] = sum_u dS_{u,t-1} K_u[:, cols], one wait
+    -> stage dQ_{t-1}[:, cols] (float32) for the producer
+
+so each consumer forms half of dQ's columns over the CTA's 128 keys (FA3's split: a float32
+[64, 64] accumulator, one [64, 128] float32 reduce per (query tile, CTA)). The producer waits
+for both staged halves, issues the TMA reduce-adds (`cp.reduce.async.bulk .add`) into a float32
+dQ in global memory, waits until they have read the staging buffer and frees it: a consumer
+never waits on a store.
+
+dQ runs one position behind. Formed at its own position (after a barrier on both dS^T tiles)
+the kernel was 2-8% slower than the split kernels on an H200; one behind, the barrier is almost
+always passed when reached, the consumers need not run in lockstep (one can run its softmax
+while the other's products use the tensor cores), and the kernel was 2-5% faster than the split
+pair without GQA (benchmarks/NOTES.md, "Thirteenth round"). So `flash_hopper` runs it at H = 128
+without GQA; with GQA the split kernels' pipelined dK/dV schedule stays (the single kernel was
+level to 5% slower there).
+
+dS^T tiles rotate through three buffers: a consumer writes buffer t % 3 after the other one
+arrived with dS^T_{t-1}, which it does after its products of t - 2 (the last reads of buffer
+(t - 3) % 3). A consumer without the tile (outside its own range, inside the CTA's) contributes a
+zero dS^T and still forms its dQ columns; position -1 is a zero tile, so the first dQ product
+adds nothing and the producer skips its reduce.
+
+Mosaic GPU's interpreter has no TMA reductions: there the producer copies each staged tile into
+its CTA's slice of a [CTAs, ...] buffer (a CTA visits each query tile of a head at most once) and
+the slices are summed outside.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from lcv.kernels import flash_gpu
+from lcv.kernels.hopper_backward import (
+  delta_t,
+  probabilities_t,
+  query_loader,
+  query_ring_barriers,
+  query_ring_smem,
+  wait_queries,
+)
+from lcv.kernels.hopper_pipeline import (
+  LOG2E,
+  ROWS,
+  WGS,
+  WIDE_REGISTERS,
+  Plan,
+  cta_ranges,
+  drain,
+  issue,
+  mma,
+  run_range,
+  tiled_smem,
+  vec,
+  zeros,
+)
+
+BUFFERS = 3  # dS^T tiles in flight: positions t - 2, t - 1 (read) and t (written)
+
+
+def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+  """Padded operands (`hopper_backward.operands`) -> (dq float32 [B, T_pad, N, H] unscaled,
+  dk, dv [B, S_pad, K, H] in k's dtype, dk scaled). Head dim 128, any GQA group (the split
+  between consumers is by dQ column blocks of 64, the 128-byte swizzle of a bf16 K tile)."""
+  b, _, n, h = q.shape
+  kh, g = k.shape[2], p.groups
+  bk, bq, dtype, st = ROWS, p.bq_dkv, q.dtype, p.stages
+  if h != 128 or bq != ROWS:
+    raise ValueError(f"the fused backward runs at head dim 128 only ({h=}, {bq=})")
+  hc = h // WGS
+  _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
+  ranges = cta_ranges(q_range)
+  n_cta = p.s_pad // (bk * WGS)
+  c = p.scale * LOG2E
+  wgmma = plgpu.Layout.WGMMA
+  shape = (bk, bq)
+
+  def kernel(rng_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref, kid_ref, *rest):
+    dq_ref, dk_ref, dv_ref, scoped = rest
+    (k_smem2, v_smem2, kid_smem2, *ring, ds_smem, dq_smem), bars = scoped
+    kv_bars, *loaded, q_free, ds_ready, dq_staged, dq_free = bars
+    loaded = tuple(loaded)
+    q_smem = ring[0]
+    bi, kv_head = lax.axis_index("batch"), lax.axis_index("heads")
+    tile = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    rng = [rng_ref[bi, tile, i] for i in range(10)]
+    c0, c1 = rng[0], rng[1]
+    span = c1 - c0
+    total = span * g
+
+    def position(t):
+      """Stream position t -> (query tile j, query head)."""
+      gi = lax.div(t, jnp.maximum(span, 1))
+      return c0 + t - gi * span, kv_head * g + gi
+
+    def consumer(cw: int):
+      """Consumer `cw` (static: its dQ columns are a static slice of the K tiles)."""
+      plgpu.set_max_registers(WIDE_REGISTERS[0], action="increase")
+      # Own tiles through the traced index (wg == cw here): a view with a static index closed
+      # over by a wgmma body would enter it as a constant, which Mosaic GPU does not lower.
+      k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
+      rows = pl.ds(tile * (bk * WGS) + cw * bk, bk)
+      srcs = (
+        (k_ref.at[bi, rows, kv_head], k_smem),
+        (v_ref.at[bi, rows, kv_head], v_smem),
+        (kid_ref.at[bi, rows], kid_smem),
+      )
+      for i, (src, dst) in enumerate(srcs):
+        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i * WGS + cw])
+      for i in range(len(srcs)):
+        plgpu.barrier_wait(kv_bars.at[i * WGS + cw])
+      plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
+      key = vec(kid_smem, 1, p.interpret)
+      w = rng[2 + 4 * cw : 6 + 4 * cw]
+      cols = pl.ds(cw * hc, hc)
+
+      def buffer(t):
+        return lax.rem(t + BUFFERS, BUFFERS)  # t >= -1
+
+      def exchange(ds_t, t, first=False):
+        """This consumer's dS^T_t into its buffer, for both consumers' dQ products, after both
+        dS^T_{t-1} are in (which also frees the buffer of t - 3)."""
+        if not first:
+          plgpu.barrier_wait(ds_ready)
+        ds_smem.at[buffer(t), cw][...] = ds_t
+        plgpu.commit_smem()  # visible to the tensor cores (async proxy)
+        plgpu.barrier_arrive(ds_ready)
+
+      def products(dk, ds_t, q_t, t):
+        """dK += dS^T_t Q_t (when q_t) and this consumer's columns of dQ_{t-1}, issued together,
+        one wait."""
+        part = zeros((bq, hc), wgmma, p.interpret)
+        src = buffer(t - 1)
+
+        def pairs():  # built inside the wgmma body (static indices: see above)
+          return [(ds_smem.at[src, u], k_smem2.at[u, :, cols]) for u in range(WGS)]
+
+        if p.interpret:
+          if q_t is not None:
+            dk = mma(dk, ds_t, q_t, p.interpret)
+          for a, b_ in pairs():
+            part = part + jnp.dot(a[...].T.astype(jnp.float32), b_[...].astype(jnp.float32))
+          plgpu.barrier_wait(dq_free)
+          return dk, part
+
+        def body(refs):
+          dq_acc = refs[-1]
+          if q_t is not None:
+            plgpu.wgmma(refs[0], ds_t, q_t)
+          for a, b_ in pairs():
+            plgpu.wgmma(dq_acc, plgpu.transpose_ref(a, (1, 0)), b_)
+          plgpu.barrier_wait(dq_free)  # the staging buffer has been read by the last reduce
+
+        accs = (part,) if q_t is None else (dk, part)
+        outs = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in accs))
+        return (dk, *outs) if q_t is None else outs
+
+      def stage(part):
+        dq_smem.at[cw][...] = part
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(dq_staged)
+
+      def step(j, carry, mode, gi):
+        dk, dv = carry
+        t = gi * span + j - c0
+        slot = lax.rem(t, st)
+        wait_queries(loaded, slot)
+        if mode == "skip":  # the other consumer's tile: a zero dS^T, this consumer's columns
+          plgpu.barrier_arrive(q_free.at[slot])
+          exchange(zeros(shape, wgmma, p.interpret).astype(dtype), t)
+          stage(products(dk, None, None, t)[1])
+          return dk, dv
+        q_t, do_t = q_smem.at[slot], ring[1].at[slot]
+        zero = zeros(shape, wgmma, p.interpret)
+        s_t = mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c
+        pt = probabilities_t(s_t, key, ring, slot, mode, p.interpret)
+        dv, dpt = issue(
+          [(dv, pt.astype(dtype), do_t, False), (zero, v_smem, do_t, True)], p.interpret
+        )
+        ds_t = (pt * (dpt - delta_t(ring, slot, shape, p.interpret))).astype(dtype)
+        exchange(ds_t, t)
+        dk, part = products(dk, ds_t, q_t, t)
+        plgpu.barrier_arrive(q_free.at[slot])
+        stage(part)
+        return dk, dv
+
+      def head_loop(gi, carry):
+        return run_range(c0, c1, w, functools.partial(step, gi=gi), carry)
+
+      # Position -1: a zero dS^T, so the first step's dQ product adds nothing.
+      exchange(zeros(shape, wgmma, p.interpret).astype(dtype), jnp.int32(-1), first=True)
+      acc = zeros((bk, h), wgmma, p.interpret)
+      dk, dv = lax.fori_loop(0, g, head_loop, (acc, acc))
+      plgpu.barrier_wait(ds_ready)  # dQ of the last position
+      stage(products(dk, None, None, total)[1])
+      plgpu.barrier_arrive(ds_ready)  # after the last dQ product, which read the other's K:
+      plgpu.barrier_wait(ds_ready)  # once both are here, each may overwrite its K tile
+      plgpu.barrier_wait(dq_free)  # and the producer's last reduce the staging buffer
+      k_smem[...] = (dk * p.scale).astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
+      plgpu.wait_smem_to_gmem(0)
+
+    for cw in range(WGS):
+      pl.when(wg == cw)(functools.partial(consumer, cw))
+
+    @pl.when(wg == WGS)
+    def _producer():
+      plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
+      plgpu.barrier_arrive(dq_free)  # the staging buffers start free
+      gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
+      load = query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq)
+
+      def reduce(t):
+        """Both staged halves of dQ at position t (none for t = -1) into global memory."""
+        plgpu.barrier_wait(dq_staged)
+
+        @pl.when(t >= 0)
+        def _():
+          j, head = position(t)
+          q_rows = pl.ds(j * bq, bq)
+          for u in range(WGS):
+            cols = pl.ds(u * hc, hc)
+            if p.interpret:
+              plgpu.copy_smem_to_gmem(dq_smem.at[u], dq_ref.at[tile, bi, q_rows, head, cols])
+            else:
+              dst = dq_ref.at[bi, q_rows, head, cols]
+              plgpu.copy_smem_to_gmem(dq_smem.at[u], dst, reduction_op="add")
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(dq_free)
+
+      for i in range(st):
+
+        @pl.when(i < total)
+        def _(i=i):
+          load(i, i)
+
+      @pl.loop(0, total)
+      def _(t):
+        slot = lax.rem(t, st)
+
+        @pl.when(t + st < total)
+        def _():
+          plgpu.barrier_wait(q_free.at[slot])
+          load(t + st, slot)
+
+        reduce(t - 1)
+
+      reduce(total - 1)
+      drain(jnp.int32(0), total, st, (q_free,))
+
+  def entry(*refs):
+    smem = (
+      tiled_smem((WGS, bk, h), dtype),
+      tiled_smem((WGS, bk, h), dtype),
+      plgpu.SMEM((WGS, bk), jnp.int32),
+      *query_ring_smem(st, bq, h, dtype),
+      tiled_smem((BUFFERS, WGS, bk, bq), dtype),  # dS^T by position (mod 3) and consumer
+      tiled_smem((WGS, bq, hc), jnp.float32),  # dQ column halves, staged for the reduce-add
+    )
+    bars = (
+      plgpu.Barrier(num_barriers=3 * WGS),
+      *query_ring_barriers(st),
+      plgpu.Barrier(num_arrivals=WGS, num_barriers=st),  # q_free
+      plgpu.Barrier(num_arrivals=WGS),  # ds_ready: both dS^T of a position are in smem
+      plgpu.Barrier(num_arrivals=WGS),  # dq_staged: both dQ halves of a position
+      plgpu.Barrier(num_arrivals=1),  # dq_free: the producer's reduce has read them
+    )
+    pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
+
+  kv = jax.ShapeDtypeStruct(k.shape, dtype)
+  parts = (n_cta,) if p.interpret else ()
+  mesh = plgpu.Mesh(
+    grid=(kh, n_cta, b),
+    grid_names=("heads", "kv_seq", "batch"),
+    num_threads=WGS + 1,
+    thread_name="wg",
+    kernel_name="lcv_hopper_bwd",
+  )
+  launch = pl.kernel(
+    entry,
+    out_type=(kv, kv),
+    mesh=mesh,
+    compiler_params=plgpu.CompilerParams(approx_math=True),
+    interpret=p.interpret or False,
+    name="lcv_hopper_bwd",
+  )
+
+  @jax.jit  # a Ref in a memory space exists only under jit
+  def call(*args):
+    dq = jax.new_ref(jnp.zeros((*parts, *q.shape), jnp.float32), memory_space=plgpu.GMEM)
+    dk, dv = launch(*args, dq)
+    dq = dq[...]
+    return (dq.sum(0) if p.interpret else dq), dk, dv
+
+  return call(ranges, q, k, v, do, lse2, delta, lo, hi, kid)
