@@ -286,6 +286,17 @@ def produce_queries(gmem, ring, loaded, free, bi, kv_head, g, c0, span, bq, st):
   produce(jnp.int32(0), span * g, st, load, free)
 
 
+def load_keys(gmem, smem, bars, bi, kv_head, rows, wg):
+  """A dK/dV consumer's own key tiles into smem, awaited: gmem (k, v, key indices), smem their
+  tiles, bars the 3 * WGS "loaded" barriers (one per tile and consumer `wg`)."""
+  k_ref, v_ref, kid_ref = gmem
+  srcs = (k_ref.at[bi, rows, kv_head], v_ref.at[bi, rows, kv_head], kid_ref.at[bi, rows])
+  for i, (src, dst) in enumerate(zip(srcs, smem)):
+    plgpu.copy_gmem_to_smem(src, dst, bars.at[i * WGS + wg])
+  for i in range(len(srcs)):
+    plgpu.barrier_wait(bars.at[i * WGS + wg])
+
+
 def wait_queries(loaded, slot):
   """Until the query-side tiles of a stage (q, dO, lse2, delta, lo, hi) have landed."""
   for bar in loaded:
@@ -341,17 +352,8 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     def _consumer():
       plgpu.set_max_registers(registers[0], action="increase")
       k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
-      row0 = tile * (bk * WGS) + wg * bk
-      rows = pl.ds(row0, bk)
-      srcs = (
-        (k_ref.at[bi, rows, kv_head], k_smem),
-        (v_ref.at[bi, rows, kv_head], v_smem),
-        (kid_ref.at[bi, rows], kid_smem),
-      )
-      for i, (src, dst) in enumerate(srcs):
-        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i * WGS + wg])
-      for i in range(len(srcs)):
-        plgpu.barrier_wait(kv_bars.at[i * WGS + wg])
+      rows = pl.ds(tile * (bk * WGS) + wg * bk, bk)
+      load_keys((k_ref, v_ref, kid_ref), (k_smem, v_smem, kid_smem), kv_bars, bi, kv_head, rows, wg)
       key = vec(kid_smem, 1, p.interpret)
       w = own_range(rng, wg)
       shape = (bk, bq)

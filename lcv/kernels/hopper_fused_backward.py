@@ -50,6 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from lcv.kernels import flash_gpu
 from lcv.kernels.hopper_backward import (
   delta_t,
+  load_keys,
   probabilities_t,
   query_loader,
   query_ring_barriers,
@@ -118,15 +119,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       # over by a wgmma body would enter it as a constant, which Mosaic GPU does not lower.
       k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
       rows = pl.ds(tile * (bk * WGS) + cw * bk, bk)
-      srcs = (
-        (k_ref.at[bi, rows, kv_head], k_smem),
-        (v_ref.at[bi, rows, kv_head], v_smem),
-        (kid_ref.at[bi, rows], kid_smem),
-      )
-      for i, (src, dst) in enumerate(srcs):
-        plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i * WGS + cw])
-      for i in range(len(srcs)):
-        plgpu.barrier_wait(kv_bars.at[i * WGS + cw])
+      load_keys((k_ref, v_ref, kid_ref), (k_smem, v_smem, kid_smem), kv_bars, bi, kv_head, rows, cw)
       plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
       key = vec(kid_smem, 1, p.interpret)
       w = rng[2 + 4 * cw : 6 + 4 * cw]
