@@ -84,7 +84,10 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   kh, g = k.shape[2], p.groups
   bk, bq, dtype, st = ROWS, p.bq_dkv, q.dtype, p.stages
   if h != 128 or bq != ROWS:
-    raise ValueError(f"the fused backward runs at head dim 128 only ({h=}, {bq=})")
+    raise ValueError(
+      f"the fused backward runs at head dim 128 only ({h=}, {bq=}); other head dims take "
+      "hopper_backward.dq and flash_hopper.dkv_kernel (Plan.fused_backward picks)"
+    )
   hc = h // WGS
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(q_range)
