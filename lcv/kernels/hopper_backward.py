@@ -255,16 +255,22 @@ def query_ring_barriers(st: int):
   return tuple(plgpu.Barrier(num_barriers=st) for _ in range(6))
 
 
+def stream_position(t, kv_head, g, c0, span):
+  """Position t of a dK/dV CTA's query-side stream -> (query tile c0 + t % span, query head
+  kv_head * g + t // span): the CTA's span query tiles for each of the g heads of the group."""
+  gi = lax.div(t, jnp.maximum(span, 1))
+  return c0 + t - gi * span, kv_head * g + gi
+
+
 def query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq):
-  """load(t, slot): the copies of stream position t, query tile c0 + t % span of head t // span
-  of `kv_head`'s group of g heads, into `slot` of the ring. gmem: (q, dO, lse2, delta, lo, hi)."""
+  """load(t, slot): the copies of stream position t (`stream_position`) into `slot` of the ring.
+  gmem: (q, dO, lse2, delta, lo, hi)."""
   q_smem, do_smem, f_smem, i_smem = ring
   q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref = gmem
 
   def load(t, slot):
-    gi = lax.div(t, jnp.maximum(span, 1))
-    head = kv_head * g + gi
-    rows = pl.ds((c0 + t - gi * span) * bq, bq)
+    j, head = stream_position(t, kv_head, g, c0, span)
+    rows = pl.ds(j * bq, bq)
     copies = (
       (q_ref.at[bi, rows, head], q_smem.at[slot]),
       (do_ref.at[bi, rows, head], do_smem.at[slot]),

@@ -55,6 +55,7 @@ from lcv.kernels.hopper_backward import (
   query_loader,
   query_ring_barriers,
   query_ring_smem,
+  stream_position,
   wait_queries,
 )
 from lcv.kernels.hopper_pipeline import (
@@ -109,11 +110,6 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     c0, c1 = rng[0], rng[1]
     span = c1 - c0
     total = span * g
-
-    def position(t):
-      """Stream position t -> (query tile j, query head)."""
-      gi = lax.div(t, jnp.maximum(span, 1))
-      return c0 + t - gi * span, kv_head * g + gi
 
     def consumer(cw: int):
       """Consumer `cw` (static: its dQ columns are a static slice of the K tiles)."""
@@ -233,7 +229,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
         @pl.when(t >= 0)
         def _():
-          j, head = position(t)
+          j, head = stream_position(t, kv_head, g, c0, span)
           q_rows = pl.ds(j * bq, bq)
           for u in range(WGS):
             cols = pl.ds(u * hc, hc)
