@@ -4,8 +4,11 @@ Layouts (one [B, S] token description each, DESIGN.md section 2): `causal` (one 
 `frame144` / `frame257` (one video sample, frame-block-causal with 144- / 257-token frames) and
 `packed` (4 equal samples, each frame-block-causal with 257-token frames). Every (impl, layout, S)
 is checked against a dense float32 reference (S <= --check_max) or against cuDNN causal before it
-is timed. Effective TFLOP/s counts only allowed pairs: 4 * B * N * T * S * H * density for the
-forward, x3.5 for forward + backward (2 matmuls forward, 5 backward: the usual convention).
+is timed. The implementations of one (layout, S, pass) are timed in turns, `--rounds` times
+each (median reported, with the spread of the rounds), so drift over the sweep does not favour
+the one timed first. Effective TFLOP/s counts only allowed pairs: 4 * B * N * T * S * H *
+density for the forward, x3.5 for forward + backward (2 matmuls forward, 5 backward: the usual
+convention).
 
 Usage (on a GPU):  python scripts/bench_attention.py --seq 4096,16384 --out results.jsonl
 Prints a table, then the JSON lines (also written to --out).
@@ -47,18 +50,28 @@ def layout(name: str, s: int):
   raise ValueError(f"{name=} must be one of {LAYOUTS}")
 
 
-def timeit(fn, *args, iters: int, warmup: int = 2, repeats: int = 3) -> float:
-  """Time in ms per call of fn(*args): median over `repeats` of `iters` back-to-back calls
-  (dispatch overlaps the device work; one sync per repeat), after warm-up (compiles there)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    outs = [fn(*args) for _ in range(iters)]
-    jax.block_until_ready(outs)
-    times.append((time.perf_counter() - t0) * 1e3 / iters)
-  return statistics.median(times)
+def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[float]]:
+  """ms per call of each `name: (fn, args)` in `calls`, once per round: `iters` back-to-back
+  calls (dispatch overlaps the device work; one sync), the implementations taking turns and each
+  round starting one further along, so a drift of the device's clock or temperature over the
+  sweep falls on every implementation alike. Returns name -> the per-round times, or the
+  exception that stopped that implementation. Compile and warm up before."""
+  names = list(calls)
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    for name in names[r % len(names) :] + names[: r % len(names)]:
+      if isinstance(times[name], Exception):
+        continue
+      fn, args = calls[name]
+      try:
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(iters)]
+        jax.block_until_ready(outs)
+        times[name].append((time.perf_counter() - t0) * 1e3 / iters)
+      except Exception as e:  # noqa: BLE001 - e.g. out of memory: that row records it
+        times[name] = e
+      outs = None
+  return times
 
 
 def fwd_bwd(attn):
@@ -247,49 +260,45 @@ def bench(args) -> list[dict]:
         ref = (ro, vjp(do))
       candidates = {i: f for i, f in impls(case, args, bs).items() if _wanted(args, i)}
       mg = mgpu_forward(case) if _wanted(args, "jax_mosaic_gpu_fp16") and kh == n else None
-      for impl, attn in candidates.items():
-        for pas in args.passes:
+      if mg is not None:
+        q16, k16, v16 = (x.astype(jnp.float16) for x in (q, k, v))
+      for pas in args.passes:
+        calls, pending = {}, {}
+        for impl, attn in candidates.items():
           fn = jax.jit(attn) if pas == "fwd" else fwd_bwd(attn)
-          call = (q, k, v) if pas == "fwd" else (q, k, v, do)
+          calls[impl] = (fn, (q, k, v) if pas == "fwd" else (q, k, v, do))
+        if mg is not None and pas == "fwd":
+          calls["jax_mosaic_gpu_fp16"] = (jax.jit(mg), (q16, k16, v16))
+        for impl, (fn, call) in list(calls.items()):
           row = dict(meta, impl=impl, layout=name, S=s, pass_=pas, density=round(case.density, 4))
-          try:
-            out = fn(*call)
+          try:  # compile, warm up and check before any timing
+            out = jax.block_until_ready(fn(*call))
             if ref is not None:
               row["rel_err"] = (
                 rel_err(out, ref[0])
                 if pas == "fwd"
                 else max(rel_err(g, r) for g, r in zip(out, ref[1]))
               )
-            ms = timeit(fn, *call, iters=args.iters)
+            jax.block_until_ready(fn(*call))
+            pending[impl] = row
           except Exception as e:  # noqa: BLE001 - record the failure and go on with the sweep
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
+            del calls[impl]
+        times = time_interleaved(calls, args.iters, args.rounds) if calls else {}
+        for impl, row in pending.items():
+          if isinstance(times[impl], Exception):
+            row["error"] = f"{type(times[impl]).__name__}: {str(times[impl])[:200]}"
+            rows.append(row)
             continue
+          ms = statistics.median(times[impl])
           row["ms"] = round(ms, 4)
+          row["spread"] = round((max(times[impl]) - min(times[impl])) / ms, 4)
           row["tflops"] = round(flops * (1 if pas == "fwd" else 3.5) / ms / 1e9, 1)
           if impl.startswith("cudnn"):
             cudnn_ms[(name, pas)] = ms
           rows.append(row)
-      if mg is not None and "fwd" in args.passes:
-        row = dict(
-          meta,
-          impl="jax_mosaic_gpu_fp16",
-          layout=name,
-          S=s,
-          pass_="fwd",
-          density=round(case.density, 4),
-        )
-        try:
-          q16, k16, v16 = (x.astype(jnp.float16) for x in (q, k, v))
-          fn = jax.jit(mg)
-          if ref is not None:
-            row["rel_err"] = rel_err(fn(q16, k16, v16), ref[0])
-          ms = timeit(fn, q16, k16, v16, iters=args.iters)
-          row["ms"], row["tflops"] = round(ms, 4), round(flops / ms / 1e9, 1)
-        except Exception as e:  # noqa: BLE001
-          row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        rows.append(row)
     # Ratio to cuDNN causal (the target of DESIGN.md section 5) for every row of this S.
     for row in rows:
       if row["S"] == s and "ms" in row and ("causal", row["pass_"]) in cudnn_ms:
@@ -314,7 +323,8 @@ def main(argv=None):
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--kv_heads", type=int, default=0, help="K of GQA (default: = --heads)")
   ap.add_argument("--head_dim", type=int, default=128)
-  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--iters", type=int, default=10, help="back-to-back calls per timing")
+  ap.add_argument("--rounds", type=int, default=5, help="timings per impl (median reported)")
   ap.add_argument("--check_max", type=int, default=4096, help="dense reference check up to this S")
   ap.add_argument(
     "--dense_mask_max", type=int, default=16384, help="cuDNN with a dense mask up to this S"
@@ -338,13 +348,14 @@ def main(argv=None):
   rows = bench(args)
   print(
     f"{'impl':22s} {'layout':9s} {'S':>7s} {'pass':8s} {'ms':>9s} {'TFLOP/s':>8s} {'x cuDNN':>8s}"
-    f" {'err':>8s}"
+    f" {'spread':>7s} {'err':>8s}"
   )
   for r in rows:
     print(
       f"{r['impl']:22s} {r['layout']:9s} {r['S']:7d} {r['pass_']:8s} "
       f"{r.get('ms', float('nan')):9.3f} "
       f"{r.get('tflops', float('nan')):8.1f} {r.get('ratio_cudnn_causal', float('nan')):8.3f} "
+      f"{r.get('spread', float('nan')):7.3f} "
       f"{r.get('rel_err', float('nan')):8.1e}{'  ' + r['error'] if 'error' in r else ''}"
     )
   print("\n".join(json.dumps(r) for r in rows))
