@@ -50,7 +50,7 @@ def layout(name: str, s: int):
   raise ValueError(f"{name=} must be one of {LAYOUTS}")
 
 
-def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[float]]:
+def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[float] | Exception]:
   """ms per call of each `name: (fn, args)` in `calls`, once per round: `iters` back-to-back
   calls (dispatch overlaps the device work; one sync), the implementations taking turns and each
   round starting one further along, so a drift of the device's clock or temperature over the
