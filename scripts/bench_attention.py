@@ -5,10 +5,10 @@ Layouts (one [B, S] token description each, DESIGN.md section 2): `causal` (one 
 `packed` (4 equal samples, each frame-block-causal with 257-token frames). Every (impl, layout, S)
 is checked against a dense float32 reference (S <= --check_max) or against cuDNN causal before it
 is timed. The implementations of one (layout, S, pass) are timed in turns, `--rounds` times
-each (median reported, with the spread of the rounds), so drift over the sweep does not favour
-the one timed first. Effective TFLOP/s counts only allowed pairs: 4 * B * N * T * S * H *
-density for the forward, x3.5 for forward + backward (2 matmuls forward, 5 backward: the usual
-convention).
+each after one untimed round (median reported, with the spread of the rounds), so drift over
+the sweep does not favour the one timed first. Effective TFLOP/s counts only allowed pairs:
+4 * B * N * T * S * H * density for the forward, x3.5 for forward + backward (2 matmuls forward,
+5 backward: the usual convention).
 
 Usage (on a GPU):  python scripts/bench_attention.py --seq 4096,16384 --out results.jsonl
 Prints a table, then the JSON lines (also written to --out).
@@ -54,11 +54,13 @@ def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[flo
   """ms per call of each `name: (fn, args)` in `calls`, once per round: `iters` back-to-back
   calls (dispatch overlaps the device work; one sync), the implementations taking turns and each
   round starting one further along, so a drift of the device's clock or temperature over the
-  sweep falls on every implementation alike. Returns name -> the per-round times, or the
-  exception that stopped that implementation. Compile and warm up before."""
+  sweep falls on every implementation alike. A first, untimed round brings the clocks back up
+  after compilation left the device idle (timed, it read up to 10x the median on H100s).
+  Returns name -> the per-round times, or the exception that stopped that implementation.
+  Compile and warm up before."""
   names = list(calls)
   times = {name: [] for name in names}
-  for r in range(rounds):
+  for r in range(-1, rounds):
     for name in names[r % len(names) :] + names[: r % len(names)]:
       if isinstance(times[name], Exception):
         continue
@@ -67,7 +69,8 @@ def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[flo
         t0 = time.perf_counter()
         outs = [fn(*args) for _ in range(iters)]
         jax.block_until_ready(outs)
-        times[name].append((time.perf_counter() - t0) * 1e3 / iters)
+        if r >= 0:
+          times[name].append((time.perf_counter() - t0) * 1e3 / iters)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory: that row records it
         times[name] = e
       outs = None
