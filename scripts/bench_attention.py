@@ -315,6 +315,16 @@ def bench(args) -> list[dict]:
   return rows
 
 
+def split_passes_and_impls(args) -> None:
+  """--passes and --impls (comma lists) as lists, in place; a pass other than fwd / fwd_bwd is
+  an error. Shared with `bench_packing`."""
+  args.passes = args.passes.split(",")
+  args.impls = [x for x in args.impls.split(",") if x]
+  for p in args.passes:
+    if p not in ("fwd", "fwd_bwd"):
+      raise ValueError(f"--passes entry {p!r} must be fwd or fwd_bwd")
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -342,11 +352,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   args.seq = [int(x) for x in args.seq.split(",")]
   args.layouts = args.layouts.split(",")
-  args.passes = args.passes.split(",")
-  args.impls = [x for x in args.impls.split(",") if x]
-  for p in args.passes:
-    if p not in ("fwd", "fwd_bwd"):
-      raise ValueError(f"--passes entry {p!r} must be fwd or fwd_bwd")
+  split_passes_and_impls(args)
 
   rows = bench(args)
   print(

@@ -36,6 +36,7 @@ from bench_attention import (  # noqa: E402 - the sibling script, importable onc
   _tokamax,
   fwd_bwd,
   rel_err,
+  split_passes_and_impls,
   time_interleaved,
   tokamax_mask,
 )
@@ -181,11 +182,7 @@ def main(argv=None):
   ap.add_argument("--out", default="", help="append JSON lines here (after each L and pass)")
   args = ap.parse_args(argv)
   args.lengths = [int(x) for x in args.lengths.split(",")]
-  args.passes = args.passes.split(",")
-  args.impls = [x for x in args.impls.split(",") if x]
-  for p in args.passes:
-    if p not in ("fwd", "fwd_bwd"):
-      raise ValueError(f"--passes entry {p!r} must be fwd or fwd_bwd")
+  split_passes_and_impls(args)
 
   rows = bench(args)
   print(

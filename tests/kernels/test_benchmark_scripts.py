@@ -22,7 +22,7 @@ def test_time_interleaved_turns_and_untimed_round():
   def fn(name):
     def call():
       log.append(name)
-      if name == "bad" and log.count("bad") == 4:  # fails in the second timed round
+      if name == "bad" and log.count("bad") == 4:  # its 4th call: in the first timed round
         raise RuntimeError("out of memory")
       return 0
 
@@ -65,8 +65,10 @@ def test_bench_packing_smoke():
     assert r["density"] == pytest.approx((r["L"] + 1) / 512)
 
 
-def test_bench_packing_rejects_a_length_that_does_not_divide():
+def test_bench_packing_rejects_bad_arguments():
   import bench_packing
 
   with pytest.raises(ValueError, match="length=96 must divide --total total=256"):
     bench_packing.main(["--total", "256", "--lengths", "96", "--heads", "1", "--head_dim", "64"])
+  with pytest.raises(ValueError, match="--passes entry 'bwd' must be fwd or fwd_bwd"):
+    bench_packing.main(["--passes", "fwd,bwd"])
