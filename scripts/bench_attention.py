@@ -77,6 +77,18 @@ def time_interleaved(calls: dict, iters: int, rounds: int) -> dict[str, list[flo
   return times
 
 
+def timing_summary(times: list[float], flops: float, pas: str) -> dict:
+  """A row's timing fields from per-round ms: the median, the spread (max - min over median) and
+  effective TFLOP/s (`flops` of the forward; x3.5 for fwd_bwd)."""
+  ms = statistics.median(times)
+  tflops = flops * (1 if pas == "fwd" else 3.5) / ms / 1e9
+  return {
+    "ms": round(ms, 4),
+    "spread": round((max(times) - min(times)) / ms, 4),
+    "tflops": round(tflops, 1),
+  }
+
+
 def fwd_bwd(attn):
   """jit(q, k, v, do -> (dq, dk, dv)) of an attn(q, k, v) -> o, forward included."""
 
@@ -295,12 +307,9 @@ def bench(args) -> list[dict]:
             row["error"] = f"{type(times[impl]).__name__}: {str(times[impl])[:200]}"
             rows.append(row)
             continue
-          ms = statistics.median(times[impl])
-          row["ms"] = round(ms, 4)
-          row["spread"] = round((max(times[impl]) - min(times[impl])) / ms, 4)
-          row["tflops"] = round(flops * (1 if pas == "fwd" else 3.5) / ms / 1e9, 1)
+          row.update(timing_summary(times[impl], flops, pas))
           if impl.startswith("cudnn"):
-            cudnn_ms[(name, pas)] = ms
+            cudnn_ms[(name, pas)] = statistics.median(times[impl])
           rows.append(row)
     # Ratio to cuDNN causal (the target of DESIGN.md section 5) for every row of this S.
     for row in rows:

@@ -38,6 +38,7 @@ from bench_attention import (  # noqa: E402 - the sibling script, importable onc
   rel_err,
   split_passes_and_impls,
   time_interleaved,
+  timing_summary,
   tokamax_mask,
 )
 
@@ -96,10 +97,10 @@ def impls(case: Case, b: int, length: int, gpu: bool):
     )
   if (found := _tokamax()) is not None:
     ops, mask_cls, _ = found
+    kw = tokamax_mask(case, mask_cls)
     for name, op in TOKAMAX_IMPLS.items():
       if op in ops:
         out[f"{name}_batched"] = (lambda q, k, v, f=ops[op]: f(q, k, v, is_causal=True), "batched")
-        kw = tokamax_mask(case, mask_cls)
         out[f"{name}_packed"] = (lambda q, k, v, f=ops[op], kw=kw: f(q, k, v, **kw), "packed")
   return out
 
@@ -138,23 +139,22 @@ def bench(args) -> list[dict]:
           continue
         outs[name] = [x.reshape(b, length, n, h) for x in ([out] if pas == "fwd" else out)]
         calls[name] = (fn, call)
-      check = ref[pas] if ref is not None else outs.get("cudnn_batched")
+      against = "reference" if ref is not None else "cudnn_batched"
+      check = ref[pas] if ref is not None else outs.get(against)
       # About as much device time per timing at every L (a call's time grows with L).
       iters = args.iters or max(3, min(50, 65536 // length))
       times = {**time_interleaved(calls, iters, args.rounds), **failed}
       own = {}
       for name, ts in times.items():
         row = dict(meta, impl=name, L=length, S=total, B=b, pass_=pas, density=case.density)
-        if name in outs and (ref is not None or (check is not None and name != "cudnn_batched")):
+        if name in outs and check is not None and name != against:
           row["rel_err"] = max(rel_err(x, r) for x, r in zip(outs[name], check))
-          row["checked_against"] = "reference" if ref is not None else "cudnn_batched"
+          row["checked_against"] = against
         if isinstance(ts, Exception):
           row["error"] = f"{type(ts).__name__}: {str(ts)[:200]}"
         else:
-          ms = statistics.median(ts)
-          row.update(ms=round(ms, 4), spread=round((max(ts) - min(ts)) / ms, 4))
-          row["tflops"] = round(flops * (1 if pas == "fwd" else 3.5) / ms / 1e9, 1)
-          own[name] = ms
+          row.update(timing_summary(ts, flops, pas))
+          own[name] = statistics.median(ts)
         rows.append(row)
       for row in rows[-len(times) :]:
         if "ms" in row and "cudnn_batched" in own:
