@@ -18,7 +18,7 @@ The modules, imported one way (this one uses the other five):
 - `hopper_forward`: the forward kernel (FA3's ping-pong between the consumers, section 3.1);
 - `hopper_backward`: the dQ and the dK/dV kernels (FlashAttention-2's split of the backward);
 - `hopper_fused_backward`: the backward as one kernel with dQ reduce-added (FA3's), which runs
-  at H = 128 without GQA (`Plan.fused_backward`);
+  at H = 64 and at H = 128 without GQA (`Plan.fused_backward`);
 - `hopper_wide_dkv`: the dK/dV kernel at H = 256 (one consumer per gradient);
 - this module: the public API (`supported`, `forward`, `backward`, `attention`,
   `attention_reference`), the checks and the custom VJP.
@@ -76,8 +76,9 @@ def _forward(p, q, k, v, q_lo, q_hi, k_idx):
 
 
 def dkv_kernel(p):
-  """The dK/dV kernel of a plan: `hopper_backward.dkv` up to H = 128, `hopper_wide_dkv.dkv`
-  above (the former's consumer would hold dK and dV, [64, 256] float32, 256 registers)."""
+  """The dK/dV kernel of a plan without the fused backward: `hopper_backward.dkv` at H = 128
+  (GQA), `hopper_wide_dkv.dkv` at H = 256 (the former's consumer would hold dK and dV,
+  [64, 256] float32, 256 registers)."""
   return hopper_backward.dkv if p.h <= 128 else hopper_wide_dkv.dkv
 
 

@@ -17,9 +17,10 @@ FlashAttention-3's warp-specialized pipeline (arXiv 2407.08608, section 3; `hopp
   `delta_t`) is shared with the H = 256 dK/dV kernel, `hopper_wide_dkv`, and the fused backward,
   `hopper_fused_backward`.
 
-Both recompute S and P (7 products per tile pair). At H = 128 without GQA the backward runs as
-one kernel instead (`hopper_fused_backward`, FA3's appendix B, 5 products, 2-5% faster on an
-H200); three earlier single kernels had been 8-51% slower (benchmarks/NOTES.md).
+Both recompute S and P (7 products per tile pair). At H = 64, and at H = 128 without GQA, the
+backward runs as one kernel instead (`hopper_fused_backward`, FA3's appendix B, 5 products,
+`Plan.fused_backward`), so these two run at H = 128 with GQA and at H = 256 (whose dK/dV
+kernel is `hopper_wide_dkv`).
 
 The dK/dV schedule is software-pipelined inside a consumer: per query tile t it runs
 
@@ -29,28 +30,22 @@ The dK/dV schedule is software-pipelined inside a consumer: per query tile t it 
 and issues dK += dS^T_{t-1} Q_{t-1} of the previous query tile together with S^T_t of this one,
 with one wait for both: two waits per step instead of three, every issue carrying two products.
 Q_{t-1} stays in its stage one step longer, so the query-side ring is one stage deeper (3).
-Measured on an H200: 4.5-7.5% faster than three waits per step; FA3's ping-pong between the
-consumers on top of it, and products regrouped by operand, were slower (benchmarks/NOTES.md,
-"dK/dV schedules"). That gain is for GQA, where a CTA streams the tiles of every head of its
-group. Without GQA (one query head per kv head) the pipelined schedule measured 8-17% slower
-(16 x 128, 16K and 64K, H200, on 3- and 4-stage rings; the serial schedule itself is 5-9%
-slower on 3 stages than on 2, so the deeper ring costs there, reason not known): there the kernel
-keeps the serial schedule, a wait per step's products, on 2 stages.
+Measured on an H200 under GQA, where a CTA streams the tiles of every head of its group:
+4.5-7.5% faster than three waits per step; FA3's ping-pong between the consumers on top of it,
+and products regrouped by operand, were slower (benchmarks/NOTES.md, "dK/dV schedules"). (A
+serial schedule, one wait per step's products on 2 stages, was 8-17% faster without GQA; the
+fused kernel, which has that schedule, runs there now.)
 
 Each kernel takes the register split measured faster for it (`hopper_pipeline`): 240 / 24 per
-consumer / producer thread for dQ and the serial dK/dV schedule, 232 / 40 for the pipelined one,
-256 / 24 for the dQ kernel's single consumer at H = 256 (a CTA of 2 x 128 threads has room).
-Rescheduling the products was tried again with 240 registers (H200, "Eighth round" in
-benchmarks/NOTES.md): the serial dK/dV with S^T and dP^T issued together and P^T formed while
-dP^T runs was 6% slower without GQA and level with the pipelined schedule with it; the pipelined
-schedule with the same overlap was 12-25% slower.
+consumer / producer thread for dQ, 232 / 40 for the pipelined dK/dV schedule, 256 / 24 for the
+dQ kernel's single consumer at H = 256 (a CTA of 2 x 128 threads has room). With 240 registers
+the pipelined schedule with S^T and dP^T issued together and P^T formed while dP^T runs was
+12-25% slower (H200, "Eighth round" in benchmarks/NOTES.md).
 
 Registers per consumer thread of the pipelined schedule at H = 128: dK and dV [64, H] float32
 (64 each), dS^T of the previous tile in bf16 (16) and S^T [64, 64] float32 (32) at the first
 issue, dP^T (32) and P^T in float32 (32) and bf16 (16) at the second; the peak is 208. Query
 tiles of 128 rows would not fit: S^T and dP^T [64, 128] float32 would take 64 registers each.
-At H = 64 dK and dV take 32 registers each and the kernel runs 128-row query tiles
-(`hopper_pipeline.plan`).
 
 delta = rowsum(dO * O) - dlse and lse2, the base-2 lse with +inf on empty rows (so P = 0
 there), come from `operands`, as in `flash_gpu`.
@@ -332,12 +327,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   GQA group (dk scaled)."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
-  # One head per kv head (no GQA): the serial schedule on 2 stages, one wait per step's products
-  # (the pipelined one was 8-17% slower there, H200; module docstring).
-  serial = p.groups == 1
-  registers = WIDE_REGISTERS if serial else (CONSUMER_REGISTERS, PRODUCER_REGISTERS)
-  bk, bq, dtype = ROWS, p.bq_dkv, q.dtype
-  st = p.stages if serial else p.stages_dkv
+  bk, bq, dtype, st = ROWS, ROWS, q.dtype, p.stages_dkv
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(q_range)
   n_cta = p.s_pad // (bk * WGS)
@@ -356,7 +346,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg < WGS)
     def _consumer():
-      plgpu.set_max_registers(registers[0], action="increase")
+      plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
       k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
       rows = pl.ds(tile * (bk * WGS) + wg * bk, bk)
       load_keys((k_ref, v_ref, kid_ref), (k_smem, v_smem, kid_smem), kv_bars, bi, kv_head, rows, wg)
@@ -403,38 +393,14 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         plgpu.barrier_arrive(q_free.at[last])
         return dk, dv, ds_prev
 
-      def serial_step(j, carry, mode, gi):
-        """One query tile, its products awaited in turn (S^T; dV with dP^T; dK)."""
-        dk, dv = carry
-        slot = lax.rem(gi * span + j - c0, st)
-        wait_queries(loaded, slot)
-        if mode == "skip":
-          plgpu.barrier_arrive(q_free.at[slot])
-          return dk, dv
-        q_t = q_smem.at[slot]
-        zero = zeros(shape, wgmma, p.interpret)
-        st_ = mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c
-        pt = probabilities_t(st_, key, ring, slot, mode, p.interpret)
-        dv, dst = dv_and_ds(dv, pt, slot, zero)
-        dk = mma(dk, dst.astype(dtype), q_t, p.interpret)
-        plgpu.barrier_arrive(q_free.at[slot])
-        return dk, dv
-
       def head_loop(gi, carry):
         carry = run_range_carried(c0, c1, w, functools.partial(step, gi=gi), carry)
         fin = ((w[0] < w[3]) & (w[3] == c1)).astype(jnp.int32)
         return lax.fori_loop(0, fin, functools.partial(drain, gi=gi), carry)
 
       acc = zeros((bk, h), wgmma, p.interpret)
-      if serial:
-
-        def serial_head_loop(gi, carry):
-          return run_range(c0, c1, w, functools.partial(serial_step, gi=gi), carry)
-
-        dk, dv = lax.fori_loop(0, g, serial_head_loop, (acc, acc))
-      else:
-        ds0 = zeros(shape, wgmma, p.interpret).astype(dtype)
-        dk, dv, _ = lax.fori_loop(0, g, head_loop, (acc, acc, ds0))
+      ds0 = zeros(shape, wgmma, p.interpret).astype(dtype)
+      dk, dv, _ = lax.fori_loop(0, g, head_loop, (acc, acc, ds0))
       k_smem[...] = (dk * p.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -444,7 +410,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 
     @pl.when(wg == WGS)
     def _producer():
-      plgpu.set_max_registers(registers[1], action="decrease")
+      plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
       gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
       produce_queries(gmem, ring, loaded, (q_free,), bi, kv_head, g, c0, span, bq, st)
 

@@ -1,11 +1,11 @@
-"""The Hopper backward at head dim 128 as one kernel: dK/dV with dQ reduce-added
+"""The Hopper backward at head dims 64 and 128 as one kernel: dK/dV with dQ reduce-added
 (`lcv_hopper_bwd`).
 
 FlashAttention-3's backward (arXiv 2407.08608, appendix B): 5 products per tile pair where the
 split kernels of `hopper_backward` run 7 (their dQ kernel recomputes S and dP). The CTA is the
-serial dK/dV kernel's: two consumers of 64 keys each, and the producer streaming the query-side
-tiles of every head of the GQA group. Per stream position t (a query tile of one head) a
-consumer runs
+dK/dV kernel's: two consumers of 64 keys each, and the producer streaming the query-side tiles
+(64 rows) of every head of the GQA group. Per stream position t (a query tile of one head) a
+consumer runs, awaiting each group of products before the next,
 
     S^T = K Q_t^T -> P^T -> dV += P^T dO_t, dP^T = V dO_t^T -> dS^T_t (bf16)
     -> wait until both dS^T_{t-1} are in smem -> put dS^T_t there
@@ -17,6 +17,16 @@ so each consumer forms half of dQ's columns over the CTA's 128 keys (FA3's split
 for both staged halves, issues the TMA reduce-adds (`cp.reduce.async.bulk .add`) into a float32
 dQ in global memory, waits until they have read the staging buffer and frees it: a consumer
 never waits on a store.
+
+At H = 64 half of a K tile's columns (32 bf16, 64 bytes) is narrower than the tile's 128-byte
+swizzle, so dQ is split by positions instead: the consumer of position t - 1's parity forms
+its whole [64, 64] tile over the 128 keys (both dS^T tiles and both K tiles, the same
+[64, 64] float32 accumulator) and stages it; the other issues only dK at that step. Each
+consumer has its own staging buffer and its own `dq_staged` / `dq_free` barriers, so the
+producer takes the tiles in position order whichever consumer runs ahead. On an H100 this was
+4-7% faster than the split kernels without GQA and 9-14% faster with it (where the split
+pair's dK/dV kernel runs its pipelined schedule), with no spills (benchmarks/NOTES.md,
+"Sixteenth round"); so `flash_hopper` runs it at H = 64 with any GQA group.
 
 dQ runs one position behind. Formed at its own position (after a barrier on both dS^T tiles)
 the kernel was 2-8% slower than the split kernels on an H200; one behind, the barrier is almost
@@ -75,21 +85,27 @@ from lcv.kernels.hopper_pipeline import (
 )
 
 BUFFERS = 3  # dS^T tiles in flight: positions t - 2, t - 1 (read) and t (written)
+HEAD_DIMS = (64, 128)  # H = 256: a consumer would hold dK and dV, 256 registers
 
 
 def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   """Padded operands (`hopper_backward.operands`) -> (dq float32 [B, T_pad, N, H] unscaled,
-  dk, dv [B, S_pad, K, H] in k's dtype, dk scaled). Head dim 128, any GQA group (the split
-  between consumers is by dQ column blocks of 64, the 128-byte swizzle of a bf16 K tile)."""
+  dk, dv [B, S_pad, K, H] in k's dtype, dk scaled). Head dim 64 or 128, any GQA group (dQ split
+  between the consumers by column blocks of 64, the 128-byte swizzle of a bf16 K tile, at
+  H = 128; by positions at H = 64)."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
-  bk, bq, dtype, st = ROWS, p.bq_dkv, q.dtype, p.stages
-  if h != 128 or bq != ROWS:
+  bk, bq, dtype, st = ROWS, ROWS, q.dtype, p.stages
+  if h not in HEAD_DIMS:
     raise ValueError(
-      f"the fused backward runs at head dim 128 only ({h=}, {bq=}); other head dims take "
-      "hopper_backward.dq and flash_hopper.dkv_kernel (Plan.fused_backward picks)"
+      f"the fused backward runs at head dims {HEAD_DIMS} ({h=}); H = 256 takes "
+      "hopper_backward.dq and hopper_wide_dkv.dkv (Plan.fused_backward picks)"
     )
-  hc = h // WGS
+  # H = 128: each consumer forms half of dQ's columns at every position. H = 64: half a K tile
+  # (32 columns, 64 bytes) is narrower than its 128-byte swizzle, so the consumer of the
+  # position's parity forms the whole [64, 64] tile (`whole`).
+  whole = h == 64
+  hc = h if whole else h // WGS
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(q_range)
   n_cta = p.s_pad // (bk * WGS)
@@ -111,6 +127,15 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     span = c1 - c0
     total = span * g
 
+    def owner(t):
+      """The consumer that forms (whole) dQ of position t >= -1: its parity."""
+      return lax.rem(t + 2, WGS)
+
+    def handoff(bars, u):
+      """dq_staged / dq_free of consumer u: one barrier per consumer when dQ tiles are whole
+      (a consumer stages every other position), one for both otherwise."""
+      return bars.at[u] if whole else bars
+
     def consumer(cw: int):
       """Consumer `cw` (static: its dQ columns are a static slice of the K tiles)."""
       plgpu.set_max_registers(WIDE_REGISTERS[0], action="increase")
@@ -122,7 +147,8 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
       key = vec(kid_smem, 1, p.interpret)
       w = rng[2 + 4 * cw : 6 + 4 * cw]
-      cols = pl.ds(cw * hc, hc)
+      cols = pl.ds(0 if whole else cw * hc, hc)
+      staged, free = handoff(dq_staged, wg), handoff(dq_free, wg)  # traced: see above
 
       def buffer(t):
         return lax.rem(t + BUFFERS, BUFFERS)  # t >= -1
@@ -136,7 +162,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         plgpu.commit_smem()  # visible to the tensor cores (async proxy)
         plgpu.barrier_arrive(ds_ready)
 
-      def products(dk, ds_t, q_t, t):
+      def dq_products(dk, ds_t, q_t, t):
         """dK += dS^T_t Q_t (when q_t) and this consumer's columns of dQ_{t-1}, issued together,
         one wait."""
         part = zeros((bq, hc), wgmma, p.interpret)
@@ -150,7 +176,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
             dk = mma(dk, ds_t, q_t, p.interpret)
           for a, b_ in pairs():
             part = part + jnp.dot(a[...].T.astype(jnp.float32), b_[...].astype(jnp.float32))
-          plgpu.barrier_wait(dq_free)
+          plgpu.barrier_wait(free)
           return dk, part
 
         def body(refs):
@@ -159,27 +185,40 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
             plgpu.wgmma(refs[0], ds_t, q_t)
           for a, b_ in pairs():
             plgpu.wgmma(dq_acc, plgpu.transpose_ref(a, (1, 0)), b_)
-          plgpu.barrier_wait(dq_free)  # the staging buffer has been read by the last reduce
+          plgpu.barrier_wait(free)  # the staging buffer has been read by the last reduce
 
         accs = (part,) if q_t is None else (dk, part)
         outs = pl.run_state(body)(tuple(plgpu.ACC.init(x) for x in accs))
         return (dk, *outs) if q_t is None else outs
 
-      def stage(part):
-        dq_smem.at[cw][...] = part
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(dq_staged)
+      def products(dk, ds_t, q_t, t, release=lambda: None):
+        """dK += dS^T_t Q_t (when q_t) and this consumer's part of dQ_{t-1} (if any), issued
+        together, one wait; then `release()` and the part staged for the producer."""
+
+        def with_dq(dk):
+          dk, part = dq_products(dk, ds_t, q_t, t)
+          release()
+          dq_smem.at[cw][...] = part
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(staged)
+          return dk
+
+        def without_dq(dk):
+          dk = dk if q_t is None else mma(dk, ds_t, q_t, p.interpret)
+          release()
+          return dk
+
+        return lax.cond(owner(t - 1) == cw, with_dq, without_dq, dk) if whole else with_dq(dk)
 
       def step(j, carry, mode, gi):
         dk, dv = carry
         t = gi * span + j - c0
         slot = lax.rem(t, st)
         wait_queries(loaded, slot)
-        if mode == "skip":  # the other consumer's tile: a zero dS^T, this consumer's columns
+        if mode == "skip":  # the other consumer's tile: a zero dS^T, this consumer's dQ part
           plgpu.barrier_arrive(q_free.at[slot])
           exchange(zeros(shape, wgmma, p.interpret).astype(dtype), t)
-          stage(products(dk, None, None, t)[1])
-          return dk, dv
+          return products(dk, None, None, t), dv
         q_t, do_t = q_smem.at[slot], ring[1].at[slot]
         zero = zeros(shape, wgmma, p.interpret)
         s_t = mma(zero, k_smem, q_t, p.interpret, trans_b=True) * c
@@ -189,9 +228,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         )
         ds_t = (pt * (dpt - delta_t(ring, slot, shape, p.interpret))).astype(dtype)
         exchange(ds_t, t)
-        dk, part = products(dk, ds_t, q_t, t)
-        plgpu.barrier_arrive(q_free.at[slot])
-        stage(part)
+        dk = products(dk, ds_t, q_t, t, release=lambda: plgpu.barrier_arrive(q_free.at[slot]))
         return dk, dv
 
       def head_loop(gi, carry):
@@ -202,10 +239,10 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       acc = zeros((bk, h), wgmma, p.interpret)
       dk, dv = lax.fori_loop(0, g, head_loop, (acc, acc))
       plgpu.barrier_wait(ds_ready)  # dQ of the last position
-      stage(products(dk, None, None, total)[1])
+      products(dk, None, None, total)
       plgpu.barrier_arrive(ds_ready)  # after the last dQ product, which read the other's K:
       plgpu.barrier_wait(ds_ready)  # once both are here, each may overwrite its K tile
-      plgpu.barrier_wait(dq_free)  # and the producer's last reduce the staging buffer
+      plgpu.barrier_wait(free)  # and the producer's last reduce the staging buffer
       k_smem[...] = (dk * p.scale).astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -219,28 +256,31 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     @pl.when(wg == WGS)
     def _producer():
       plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
-      plgpu.barrier_arrive(dq_free)  # the staging buffers start free
+      for u in range(WGS if whole else 1):
+        plgpu.barrier_arrive(handoff(dq_free, u))  # the staging buffers start free
       gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
       load = query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq)
 
       def reduce(t):
-        """Both staged halves of dQ at position t (none for t = -1) into global memory."""
-        plgpu.barrier_wait(dq_staged)
+        """The staged dQ of position t (both column halves, or the owner's whole tile; none
+        for t = -1) into global memory."""
+        u = owner(t)
+        plgpu.barrier_wait(handoff(dq_staged, u))
 
         @pl.when(t >= 0)
         def _():
           j, head = stream_position(t, kv_head, g, c0, span)
           q_rows = pl.ds(j * bq, bq)
-          for u in range(WGS):
-            cols = pl.ds(u * hc, hc)
+          parts = [(u, pl.ds(0, h))] if whole else [(i, pl.ds(i * hc, hc)) for i in range(WGS)]
+          for src, cols in parts:
             if p.interpret:
-              plgpu.copy_smem_to_gmem(dq_smem.at[u], dq_ref.at[tile, bi, q_rows, head, cols])
+              plgpu.copy_smem_to_gmem(dq_smem.at[src], dq_ref.at[tile, bi, q_rows, head, cols])
             else:
               dst = dq_ref.at[bi, q_rows, head, cols]
-              plgpu.copy_smem_to_gmem(dq_smem.at[u], dst, reduction_op="add")
+              plgpu.copy_smem_to_gmem(dq_smem.at[src], dst, reduction_op="add")
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        plgpu.barrier_arrive(dq_free)
+        plgpu.barrier_arrive(handoff(dq_free, u))
 
       for i in range(st):
 
@@ -276,8 +316,10 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       *query_ring_barriers(st),
       plgpu.Barrier(num_arrivals=WGS, num_barriers=st),  # q_free
       plgpu.Barrier(num_arrivals=WGS),  # ds_ready: both dS^T of a position are in smem
-      plgpu.Barrier(num_arrivals=WGS),  # dq_staged: both dQ halves of a position
-      plgpu.Barrier(num_arrivals=1),  # dq_free: the producer's reduce has read them
+      # dq_staged: a position's dQ is staged (both halves; whole: one barrier per owner)
+      plgpu.Barrier(num_arrivals=1, num_barriers=WGS) if whole else plgpu.Barrier(num_arrivals=WGS),
+      # dq_free: the producer's reduce has read the staging buffer (whole: one per owner)
+      plgpu.Barrier(num_arrivals=1, num_barriers=WGS if whole else 1),
     )
     pl.run_scoped(lambda *scoped: kernel(*refs, scoped), smem, bars, collective_axes="wg")
 

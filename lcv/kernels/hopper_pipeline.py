@@ -45,8 +45,9 @@ WGS = 2  # consumer warpgroups per CTA
 # consumers' accumulators (FA3 section 3.1, `setmaxnreg`). Two splits of the 64K registers of
 # an SM among 3 x 128 threads, each kernel taking the one measured faster on an H200
 # (benchmarks/NOTES.md, "Eighth round"): 232 / 40 for the forward and the pipelined dK/dV
-# schedule; FA3's 240 / 24 for the dQ kernel and the serial dK/dV schedule (that one 2-4% faster
-# with it, the dQ kernel 4-5% with it and its overlap together; the other two 0-3% slower).
+# schedule; FA3's 240 / 24 for the dQ kernel and the fused backward (whose schedule, serial in
+# each consumer, was 2-4% faster with it in the split dK/dV kernel it grew from; the dQ kernel
+# 4-5% with it and its overlap together; the other two 0-3% slower).
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
 WIDE_REGISTERS = (240, 24)  # (consumer, producer)
@@ -72,7 +73,6 @@ class Plan:
   h: int
   groups: int  # query heads per kv head (GQA)
   bk: int  # key tile of the forward and dQ kernels
-  bq_dkv: int  # query tile of the dK/dV kernel
   stages: int  # K/V ring of the forward and dQ kernels
   stages_dkv: int  # query-side ring of the dK/dV kernel (holds a tile one step longer)
   scale: float
@@ -87,10 +87,11 @@ class Plan:
   @property
   def fused_backward(self) -> bool:
     """Whether the backward runs as one kernel (`hopper_fused_backward`, 5 products per tile
-    pair) instead of the dQ and dK/dV kernels (7): at H = 128 without GQA, where it was 2-5%
-    faster on an H200. With GQA the split pair's pipelined dK/dV schedule was level to 5%
-    faster; H = 64 and 256 have no fused form (benchmarks/NOTES.md, "Thirteenth round")."""
-    return self.h == 128 and self.groups == 1
+    pair) instead of the dQ and dK/dV kernels (7): at H = 64 (on an H100 4-7% faster than the
+    split pair without GQA, 9-14% with it) and at H = 128 without GQA (2-5% faster on an H200;
+    with GQA the split pair's pipelined dK/dV schedule was level to 5% faster). H = 256 has no
+    fused form (benchmarks/NOTES.md, "Thirteenth round", "Sixteenth round")."""
+    return self.h == 64 or (self.h == 128 and self.groups == 1)
 
   @property
   def dq_consumers(self) -> int:
@@ -114,12 +115,8 @@ def plan(q, k, scale, interpret, fwd_consumers: int | None = None) -> Plan:
 
   Key tiles are 128 wide, 64 at H = 256, where a forward consumer holds O [64, 256] in float32
   (128 registers per thread) and S of a 128-key tile would take 64 more (H200: 659-691 TFLOP/s
-  at 16K causal with 64-key tiles, 1.06-1.11x cuDNN, benchmarks/NOTES.md).
-
-  The dK/dV kernel's query tiles are 64 rows, 128 at H = 64, where a consumer's dK and dV
-  ([64, 64] float32) leave room for S^T and dP^T of 128 queries (64 registers each): on an H200
-  the dK/dV kernel at H = 64 ran 10% faster with them under GQA (32 / 8 heads) and on packed
-  rows, level on plain causal rows (benchmarks/NOTES.md, "Eleventh round")."""
+  at 16K causal with 64-key tiles, 1.06-1.11x cuDNN, benchmarks/NOTES.md). The backward's
+  query tiles (the dK/dV and fused kernels stream them past 128 key rows) are 64 rows."""
   _, t, n, h = q.shape
   s = k.shape[1]
   bk = 128 if h <= 128 else 64
@@ -133,7 +130,7 @@ def plan(q, k, scale, interpret, fwd_consumers: int | None = None) -> Plan:
     fwd_consumers = 3 if h <= 64 and not interpret else WGS
   if fwd_consumers not in (WGS, 3) or (fwd_consumers == 3 and h > 64):
     raise ValueError(f"{fwd_consumers=} must be 2, or 3 at head dim 64 ({h=})")
-  # Query rows: whole forward CTAs and whole dQ / dK/dV query tiles (384 at H = 64).
+  # Query rows: whole forward CTAs and whole backward query tiles (384 at H = 64).
   q_tile = math.lcm(tile, ROWS * fwd_consumers)
   return Plan(
     t=t,
@@ -144,7 +141,6 @@ def plan(q, k, scale, interpret, fwd_consumers: int | None = None) -> Plan:
     h=h,
     groups=n // k.shape[2],
     bk=bk,
-    bq_dkv=128 if h <= 64 else 64,
     stages=2,
     stages_dkv=3,
     scale=float(h**-0.5 if scale is None else scale),

@@ -72,7 +72,7 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
   summed over the GQA group (dk scaled). Any head dim; made for H = 256."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
-  bk, bq, st, dtype = ROWS, p.bq_dkv, p.stages, q.dtype
+  bk, bq, st, dtype = ROWS, ROWS, p.stages, q.dtype
   _, q_range = flash_gpu.tile_ranges(lo, hi, kid, bq, bk)
   ranges = cta_ranges(q_range, 1)  # one range per CTA, both consumers walk all of it
   n_cta = p.s_pad // bk

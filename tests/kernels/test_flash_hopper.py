@@ -99,13 +99,13 @@ def test_own_range_of_three_consumers():
 def test_interpreter_packed_gqa_padding():
   """Two packed samples with frames, GQA 2:1, T and S not multiples of the tiles (padding), a
   key range longer than the two smem stages: forward and gradients in the interpreter (at
-  H = 64 the dK/dV kernel runs 128-row query tiles)."""
+  H = 64 the fused backward runs under GQA too, its whole dQ tiles formed by turns)."""
   rng = np.random.default_rng(0)
   b, t, n, kh, h = 1, 200, 2, 1, 64
   seg, fr = _layout(rng, b, t, 24, 2, 5)
   lo, hi = masks.intervals(seg, fr)
   q, k, v, do = _inputs(rng, b, t, t, n, kh, h, jnp.bfloat16)
-  assert hopper_pipeline.plan(q, k, None, None).bq_dkv == 128
+  assert hopper_pipeline.plan(q, k, None, None).fused_backward
   _check(q, k, v, do, lo, hi, masks.key_indices(b, t))
 
 
@@ -196,14 +196,14 @@ def test_interpreter_forward_three_consumers():
     hopper_pipeline.plan(jnp.zeros((1, 8, 1, 128)), jnp.zeros((1, 8, 1, 128)), None, None, 3)
 
 
-@pytest.mark.parametrize("kh", [2, 4], ids=["gqa", "mha"])  # the two dK/dV schedules
+@pytest.mark.parametrize("kh", [2, 4], ids=["gqa", "mha"])
 @pytest.mark.parametrize("h", flash_hopper.HEAD_DIMS)
 def test_compiled_kernels_lower_for_cuda(h, kh):
   """The compiled form of every kernel (wgmma, TMA, warp specialization, the dQ kernel's early
-  accumulator read, both dK/dV schedules, the H = 256 dK/dV kernel, the fused backward with its
-  TMA reduce-add) lowers to Mosaic GPU for a
-  CUDA target on any host: operand layouts, transposed wgmma operands and smem transforms are
-  checked without a GPU (ptxas and the run are not). Each kernel is named in profiles."""
+  accumulator read, the pipelined dK/dV schedule, the H = 256 dK/dV kernel, the fused backward
+  with its TMA reduce-add in both dQ splits) lowers to Mosaic GPU for a CUDA target on any
+  host: operand layouts, transposed wgmma operands and smem transforms are checked without a
+  GPU (ptxas and the run are not). Each kernel is named in profiles."""
   b, t, n = 1, 512, 4
   q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((b, t, kh, h), jnp.bfloat16)
@@ -228,8 +228,9 @@ def test_compiled_kernels_lower_for_cuda(h, kh):
   text = lower(bwd, q, kv, kv, q, lse, q, *ints)
   dkv = "lcv_hopper_dkv" if h <= 128 else "lcv_hopper_dkv_wide"
   assert "wgmma" in text
-  if h == 128 and kh == n:  # one kernel, `hopper_fused_backward` (launched through `pl.kernel`,
-    # which takes its dQ Ref: the text then holds its source locations, not its name)
+  if h == 64 or (h == 128 and kh == n):  # one kernel, `hopper_fused_backward` (launched
+    # through `pl.kernel`, which takes its dQ Ref: the text holds its source locations, not its
+    # name)
     assert text.count("custom_call @mosaic_gpu") == 1 and "hopper_fused_backward.py" in text
   else:
     assert names(text) == {"lcv_hopper_dq", dkv}, names(text)
@@ -255,6 +256,7 @@ GPU_CASES = [
   (2048, 2048, 2, 2, 128, 1, 1, 0, jnp.bfloat16),  # causal text
   (2048, 2048, 4, 2, 128, 257, 3, 100, jnp.bfloat16),  # packed video, GQA, padding
   (1500, 1500, 2, 1, 64, 144, 2, 7, jnp.float16),
+  (1800, 1800, 2, 2, 64, 257, 3, 40, jnp.bfloat16),  # H = 64 fused backward, packed video
   (1100, 1100, 2, 1, 256, 257, 2, 30, jnp.bfloat16),  # H = 256: hopper_wide_dkv, one dQ consumer
 ]
 

@@ -1,5 +1,5 @@
 """The Hopper backward kernels (`lcv.kernels.hopper_backward`: dQ and dK/dV; `hopper_wide_dkv`:
-dK/dV at H = 256; `hopper_fused_backward`: the single kernel at H = 128) in Mosaic GPU's
+dK/dV at H = 256; `hopper_fused_backward`: the single kernel at H = 64 and 128) in Mosaic GPU's
 interpreter with its race detector on.
 
 Warpgroups run as threads with simulated barriers and bulk copies (products as plain float32
@@ -63,18 +63,16 @@ def _check_gradients(got, want, lse, dtype):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
-@pytest.mark.parametrize(
-  "kh, h", [(1, 64), (2, 64), (1, 256)], ids=["gqa-pipelined", "mha-serial", "gqa-wide"]
-)
-def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
-  """The split kernels on the every-layout row (`_every_layout`): GQA 2:1 (the pipelined dK/dV
-  schedule) or 2:2 (the serial one) at H = 64, or GQA 2:1 at H = 256 (the dQ kernel with one
-  consumer, `hopper_wide_dkv`). dq, dk, dv match the dense twin's, rows without keys get
-  dq = 0, and neither kernel races."""
+@pytest.mark.parametrize("h", [128, 256])
+def test_interpreter_backward_kernels_race_free_every_layout(h):
+  """The split kernels on the every-layout row (`_every_layout`) with GQA 2:1, where they run:
+  at H = 128 (the pipelined dK/dV schedule) and H = 256 (the dQ kernel with one consumer,
+  `hopper_wide_dkv`). dq, dk, dv match the dense twin's, rows without keys get dq = 0, and
+  neither kernel races."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(kh, h)
+  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(1, h)
   p = hopper_pipeline.plan(q, k, None, InterpretGPUParams(detect_races=True))
   assert not p.fused_backward
   ops = hopper_backward.operands(p, q, k, v, o, lse, do, lo, hi, kid, dlse)
@@ -88,20 +86,23 @@ def test_interpreter_backward_kernels_race_free_every_layout(kh, h):
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the interpreter's test")
-@pytest.mark.parametrize("kh", [2, 1], ids=["mha", "gqa"])
-def test_interpreter_fused_backward_race_free_every_layout(kh):
+@pytest.mark.parametrize(
+  "kh, h", [(2, 128), (1, 128), (2, 64), (1, 64)], ids=["mha", "gqa", "h64-mha", "h64-gqa"]
+)
+def test_interpreter_fused_backward_race_free_every_layout(kh, h):
   """The fused backward (`hopper_fused_backward`: dQ one position behind, reduce-added by the
-  producer) at H = 128 on the every-layout row, without GQA through `flash_hopper.backward`
-  (which picks it there) and with GQA 2:1 called directly (the kernel takes any group): the
-  gradients match the dense twin's, rows without keys get dq = 0, and nothing races (the dS^T
-  exchange between the consumers, the staging buffer between consumers and producer)."""
+  producer) on the every-layout row, without and with GQA 2:1: at H = 128 dQ's column halves
+  (GQA called directly: `flash_hopper.backward` picks the split kernels there), at H = 64 whole
+  dQ tiles by turns (picked with and without GQA). The gradients match the dense twin's, rows
+  without keys get dq = 0, and nothing races (the dS^T exchange between the consumers, the
+  staging buffers between consumers and producer)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
-  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(kh, 128)
+  q, k, v, do, lo, hi, kid, o, lse, dlse, want = _every_layout(kh, h)
   params = InterpretGPUParams(detect_races=True)
   p = hopper_pipeline.plan(q, k, None, params)
-  assert p.fused_backward == (kh == 2)
+  assert p.fused_backward == (h == 64 or kh == 2)
   if p.fused_backward:
     got = flash_hopper._backward(p, q, k, v, o, lse, do, dlse, lo, hi, kid)
   else:
