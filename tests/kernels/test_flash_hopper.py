@@ -6,7 +6,7 @@ the tile ranges, the masks and the softmax on small packed inputs, forward and b
 compiled kernels are also lowered for a CUDA target on the host (Mosaic GPU's lowering runs
 without a GPU). The `gpu`-marked tests run the compiled wgmma kernels on a Hopper GPU over packed
 layouts with 257-token frames, GQA, every supported head dim, zig-zag key chunks and odd lengths.
-`test_hopper_backward.py` runs the two backward kernels under the interpreter's race detector.
+`test_hopper_backward.py` runs the backward kernels under the interpreter's race detector.
 """
 
 import re
