@@ -235,6 +235,9 @@ def dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
 # "loaded" barrier, streamed for every head of the GQA group in turn.
 
 
+QUERY_OPERANDS = ("q", "do", "lse2", "delta", "lo", "hi")  # a query-side stage's copies
+
+
 def query_ring_smem(st: int, bq: int, h: int, dtype):
   """Shared memory of an `st`-stage query-side ring: (q, dO, f, i)."""
   return (
@@ -245,9 +248,12 @@ def query_ring_smem(st: int, bq: int, h: int, dtype):
   )
 
 
-def query_ring_barriers(st: int):
-  """The "loaded" barriers of the ring: one array per operand (q, dO, lse2, delta, lo, hi)."""
-  return tuple(plgpu.Barrier(num_barriers=st) for _ in range(6))
+def query_ring_barriers(st: int, merged: bool = False):
+  """The "loaded" barriers of the ring: one array per operand (q, dO, lse2, delta, lo, hi), or
+  (`merged`) one array that all six copies of a stage complete."""
+  if merged:
+    return (plgpu.Barrier(num_arrivals=len(QUERY_OPERANDS), num_barriers=st),)
+  return tuple(plgpu.Barrier(num_barriers=st) for _ in QUERY_OPERANDS)
 
 
 def stream_position(t, kv_head, g, c0, span):
@@ -274,7 +280,8 @@ def query_loader(gmem, ring, loaded, bi, kv_head, g, c0, span, bq):
       (lo_ref.at[bi, rows], i_smem.at[0, slot]),
       (hi_ref.at[bi, rows], i_smem.at[1, slot]),
     )
-    for (src, dst), bar in zip(copies, loaded):
+    bars = loaded * len(copies) if len(loaded) == 1 else loaded  # merged: one for all
+    for (src, dst), bar in zip(copies, bars, strict=True):
       plgpu.copy_gmem_to_smem(src, dst, bar.at[slot])
 
   return load

@@ -42,6 +42,13 @@ arrived with dS^T_{t-1}, which it does after its products of t - 2 (the last rea
 zero dS^T and still forms its dQ columns; position -1 is a zero tile, so the first dQ product
 adds nothing and the producer skips its reduce.
 
+A position's six query-side copies (q, dO, lse2, delta, lo, hi) complete one barrier, so a
+consumer waits once per position. Measured with the on-device profiler (the kernel's named
+scopes, `scripts/kernel_phases.py`), six waits took 370-590 cycles of a 2,300-4,100-cycle
+position; one takes about 100, and the kernel got 4-5% faster at H = 128 and 5-13% at H = 64 on
+an H100 (benchmarks/NOTES.md, "Seventeenth round"). The split dK/dV kernels keep one barrier
+per copy: merged, their pipelined schedule was 8% slower.
+
 Mosaic GPU's interpreter has no TMA reductions: there the producer copies each staged tile into
 its CTA's slice of a [CTAs, ...] buffer (a CTA visits each query tile of a head at most once) and
 the slices are summed outside.
@@ -88,11 +95,14 @@ BUFFERS = 3  # dS^T tiles in flight: positions t - 2, t - 1 (read) and t (writte
 HEAD_DIMS = (64, 128)  # H = 256: a consumer would hold dK and dV, 256 registers
 
 
-def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
+def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid, profile: tuple[int, str] = (0, "")):
   """Padded operands (`hopper_backward.operands`) -> (dq float32 [B, T_pad, N, H] unscaled,
   dk, dv [B, S_pad, K, H] in k's dtype, dk scaled). Head dim 64 or 128, any GQA group (dQ split
   between the consumers by column blocks of 64, the 128-byte swizzle of a bf16 K tile, at
-  H = 128; by positions at H = 64)."""
+  H = 128; by positions at H = 64).
+
+  profile = (ranges per warpgroup, directory): Mosaic GPU's on-device profiler records the
+  kernel's named scopes into a trace there (`scripts/kernel_phases.py` reads it); (0, "") off."""
   b, _, n, h = q.shape
   kh, g = k.shape[2], p.groups
   bk, bq, dtype, st = ROWS, ROWS, q.dtype, p.stages
@@ -143,8 +153,10 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       # over by a wgmma body would enter it as a constant, which Mosaic GPU does not lower.
       k_smem, v_smem, kid_smem = k_smem2.at[wg], v_smem2.at[wg], kid_smem2.at[wg]
       rows = pl.ds(tile * (bk * WGS) + cw * bk, bk)
-      load_keys((k_ref, v_ref, kid_ref), (k_smem, v_smem, kid_smem), kv_bars, bi, kv_head, rows, cw)
-      plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
+      with jax.named_scope("keys"):
+        gmem, smem = (k_ref, v_ref, kid_ref), (k_smem, v_smem, kid_smem)
+        load_keys(gmem, smem, kv_bars, bi, kv_head, rows, cw)
+        plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
       key = vec(kid_smem, 1, p.interpret)
       w = rng[2 + 4 * cw : 6 + 4 * cw]
       cols = pl.ds(0 if whole else cw * hc, hc)
@@ -157,7 +169,8 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         """This consumer's dS^T_t into its buffer, for both consumers' dQ products, after both
         dS^T_{t-1} are in (which also frees the buffer of t - 3)."""
         if not first:
-          plgpu.barrier_wait(ds_ready)
+          with jax.named_scope("exchange"):
+            plgpu.barrier_wait(ds_ready)
         ds_smem.at[buffer(t), cw][...] = ds_t
         plgpu.commit_smem()  # visible to the tensor cores (async proxy)
         plgpu.barrier_arrive(ds_ready)
@@ -214,7 +227,12 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         dk, dv = carry
         t = gi * span + j - c0
         slot = lax.rem(t, st)
-        wait_queries(loaded, slot)
+        with jax.named_scope("queries"):
+          wait_queries(loaded, slot)
+        with jax.named_scope(mode):
+          return position(t, slot, dk, dv, mode)
+
+      def position(t, slot, dk, dv, mode):
         if mode == "skip":  # the other consumer's tile: a zero dS^T, this consumer's dQ part
           plgpu.barrier_arrive(q_free.at[slot])
           exchange(zeros(shape, wgmma, p.interpret).astype(dtype), t)
@@ -238,17 +256,19 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
       exchange(zeros(shape, wgmma, p.interpret).astype(dtype), jnp.int32(-1), first=True)
       acc = zeros((bk, h), wgmma, p.interpret)
       dk, dv = lax.fori_loop(0, g, head_loop, (acc, acc))
-      plgpu.barrier_wait(ds_ready)  # dQ of the last position
-      products(dk, None, None, total)
-      plgpu.barrier_arrive(ds_ready)  # after the last dQ product, which read the other's K:
-      plgpu.barrier_wait(ds_ready)  # once both are here, each may overwrite its K tile
-      plgpu.barrier_wait(free)  # and the producer's last reduce the staging buffer
-      k_smem[...] = (dk * p.scale).astype(dtype)
-      v_smem[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
-      plgpu.wait_smem_to_gmem(0)
+      with jax.named_scope("last_dq"):
+        plgpu.barrier_wait(ds_ready)  # dQ of the last position
+        products(dk, None, None, total)
+        plgpu.barrier_arrive(ds_ready)  # after the last dQ product, which read the other's K:
+        plgpu.barrier_wait(ds_ready)  # once both are here, each may overwrite its K tile
+        plgpu.barrier_wait(free)  # and the producer's last reduce the staging buffer
+      with jax.named_scope("store"):
+        k_smem[...] = (dk * p.scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, kv_head])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, kv_head])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # smem is read; the kernel may end
 
     for cw in range(WGS):
       pl.when(wg == cw)(functools.partial(consumer, cw))
@@ -265,7 +285,8 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         """The staged dQ of position t (both column halves, or the owner's whole tile; none
         for t = -1) into global memory."""
         u = owner(t)
-        plgpu.barrier_wait(handoff(dq_staged, u))
+        with jax.named_scope("staged"):
+          plgpu.barrier_wait(handoff(dq_staged, u))
 
         @pl.when(t >= 0)
         def _():
@@ -279,7 +300,8 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
               dst = dq_ref.at[bi, q_rows, head, cols]
               plgpu.copy_smem_to_gmem(dq_smem.at[src], dst, reduction_op="add")
 
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        with jax.named_scope("read"):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(handoff(dq_free, u))
 
       for i in range(st):
@@ -293,6 +315,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
         slot = lax.rem(t, st)
 
         @pl.when(t + st < total)
+        @jax.named_scope("free")
         def _():
           plgpu.barrier_wait(q_free.at[slot])
           load(t + st, slot)
@@ -313,7 +336,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     )
     bars = (
       plgpu.Barrier(num_barriers=3 * WGS),
-      *query_ring_barriers(st),
+      *query_ring_barriers(st, merged=True),
       plgpu.Barrier(num_arrivals=WGS, num_barriers=st),  # q_free
       plgpu.Barrier(num_arrivals=WGS),  # ds_ready: both dS^T of a position are in smem
       # dq_staged: a position's dQ is staged (both halves; whole: one barrier per owner)
@@ -336,7 +359,9 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     entry,
     out_type=(kv, kv),
     mesh=mesh,
-    compiler_params=plgpu.CompilerParams(approx_math=True),
+    compiler_params=plgpu.CompilerParams(
+      approx_math=True, profile_space=profile[0], profile_dir=profile[1]
+    ),
     interpret=p.interpret or False,
     name="lcv_hopper_bwd",
   )

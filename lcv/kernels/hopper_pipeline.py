@@ -89,8 +89,9 @@ class Plan:
     """Whether the backward runs as one kernel (`hopper_fused_backward`, 5 products per tile
     pair) instead of the dQ and dK/dV kernels (7): at H = 64 (on an H100 4-7% faster than the
     split pair without GQA, 9-14% with it) and at H = 128 without GQA (2-5% faster on an H200;
-    with GQA the split pair's pipelined dK/dV schedule was level to 5% faster). H = 256 has no
-    fused form (benchmarks/NOTES.md, "Thirteenth round", "Sixteenth round")."""
+    with GQA the split pair's pipelined dK/dV schedule was level to 5% faster, and with the
+    fused kernel's merged query barrier fwd+bwd still read 0.98-1.04x the split pair's). H = 256
+    has no fused form (benchmarks/NOTES.md, "Thirteenth", "Sixteenth", "Seventeenth round")."""
     return self.h == 64 or (self.h == 128 and self.groups == 1)
 
   @property

@@ -2,6 +2,7 @@
 untimed first round, a failing implementation) and `scripts/bench_packing.py` end to end with tiny
 sizes (a subprocess: one CPU device, the portable kernel in place of the Hopper one)."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -72,3 +73,56 @@ def test_bench_packing_rejects_bad_arguments():
     bench_packing.main(["--total", "256", "--lengths", "96", "--heads", "1", "--head_dim", "64"])
   with pytest.raises(ValueError, match="--passes entry 'bwd' must be fwd or fwd_bwd"):
     bench_packing.main(["--passes", "fwd,bwd"])
+
+
+def _events(wgs: int):
+  """A profiler trace of 2 CTAs: consumers "keys" once then two "queries" of 100 cycles; the
+  producer one "free" of 300 with "staged" (50) inside. Each unit of 1e-3 in ts is a cycle."""
+  out = []
+  for cta in range(2):
+    for wg in range(wgs):
+      tid, t0 = 1 + wg + wgs * cta, 5000.0 * (cta + 1)  # us; CTAs start at different times
+      edges = [("keys", 0, 400), ("queries", 400, 500), ("queries", 600, 700)]
+      if wg == wgs - 1:
+        edges = [("free", 0, 300), ("staged", 100, 150)]
+      for name, a, b in edges:
+        out.append({"name": name, "ph": "B", "ts": t0 + a / 1e3, "tid": tid, "pid": 1})
+        out.append({"name": name, "ph": "E", "ts": t0 + b / 1e3, "tid": tid, "pid": 1})
+  return sorted(out, key=lambda e: (e["tid"], e["ts"]))
+
+
+def test_kernel_phases_sums_scopes_per_warpgroup():
+  import kernel_phases
+
+  r = kernel_phases.phases(_events(3))
+  assert r["ctas"] == 2
+  consumer, producer = r["warpgroups"][0], r["warpgroups"][2]
+  assert consumer["span"] == pytest.approx(700)
+  assert consumer["scopes"]["keys"] == pytest.approx((1, 400))
+  assert consumer["scopes"]["queries"] == pytest.approx((2, 100))  # 2 per CTA, 100 cycles each
+  assert producer["scopes"] == pytest.approx({"free": (1, 300), "staged": (1, 50)})
+  assert "queries" in kernel_phases.table(r) and "57.1%" in kernel_phases.table(r)  # 400 / 700
+  with pytest.raises(ValueError, match="never closed"):
+    kernel_phases.phases(_events(3)[:-1])
+  args = argparse.Namespace(seq=512, layout="causal", heads=2, kv_heads=0, head_dim=256)
+  with pytest.raises(ValueError, match="head_dim=256"):  # before anything runs
+    kernel_phases.run(args)
+
+
+@pytest.mark.gpu
+def test_kernel_phases_on_gpu():
+  """`scripts/kernel_phases.py` on the GPU: the fused backward's named scopes reach the trace.
+  Per CTA each consumer waits for its keys once and for every position's queries, and the
+  producer awaits one dQ tile per position."""
+  import kernel_phases
+
+  args = argparse.Namespace(seq=2048, layout="packed512", heads=2, kv_heads=0, head_dim=128)
+  r = kernel_phases.run(args)
+  assert r["ctas"] == 2 * 2048 // 128  # kv heads x key tiles
+  c0, c1, producer = (w["scopes"] for w in r["warpgroups"])
+  assert c0["keys"][0] == c1["keys"][0] == 1
+  # 512-token causal samples: the CTAs at keys 0, 128, 256, 384 of a sample see 8, 6, 4, 2 query
+  # tiles (positions), 5 on average; the producer awaits dQ from position -1 on (one behind).
+  assert c0["queries"][0] == pytest.approx(5) and c1["queries"][0] == pytest.approx(5)
+  assert producer["staged"][0] == pytest.approx(6)
+  assert all(w["span"] > 0 for w in r["warpgroups"])
