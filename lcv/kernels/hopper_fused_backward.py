@@ -45,7 +45,7 @@ adds nothing and the producer skips its reduce.
 A position's six query-side copies (q, dO, lse2, delta, lo, hi) complete one barrier, so a
 consumer waits once per position. Measured with the on-device profiler (the kernel's named
 scopes, `scripts/kernel_phases.py`), six waits took 370-590 cycles of a 2,300-4,100-cycle
-position; one takes about 100, and the kernel got 4-5% faster at H = 128 and 5-13% at H = 64 on
+position; one takes about 100, and the kernel got 4-7% faster at H = 128 and 5-13% at H = 64 on
 an H100 (benchmarks/NOTES.md, "Seventeenth round"). The split dK/dV kernels keep one barrier
 per copy: merged, their pipelined schedule was 8% slower.
 
