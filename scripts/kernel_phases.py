@@ -120,7 +120,14 @@ def run(args) -> dict:
   space = profile_space(lo, hi, kid, p.groups)
   with tempfile.TemporaryDirectory() as d:
     f = jax.jit(lambda *a: hopper_fused_backward.dkv_dq(p, *a, profile=(space, d)))
-    jax.block_until_ready(f(*ops))
+    try:
+      jax.block_until_ready(f(*ops))
+    except Exception as e:
+      raise RuntimeError(
+        f"the fused backward with a profile of {space=} ranges per warpgroup "
+        f"({3 * space * 16} bytes of shared memory beside the kernel's) failed; a packed layout "
+        "or a shorter --seq has shorter CTAs and needs fewer"
+      ) from e
     jax.effects_barrier()  # the trace is written by a host callback
     (path,) = glob.glob(os.path.join(d, "*-trace.json"))
     with open(path) as fh:
