@@ -94,9 +94,9 @@ def run(args) -> dict:
   """Profile one fused backward call on the GPU and return `phases` of its trace."""
   import jax
   import jax.numpy as jnp
-  from bench_attention import layout
+  from bench_attention import make_case
+  from bench_packing import packed_case
 
-  from lcv import masks
   from lcv.kernels import flash_hopper, hopper_backward, hopper_fused_backward, hopper_pipeline
 
   if args.head_dim not in hopper_fused_backward.HEAD_DIMS:
@@ -105,12 +105,10 @@ def run(args) -> dict:
     )
   s, n, kh, h = args.seq, args.heads, args.kv_heads or args.heads, args.head_dim
   if args.layout.startswith("packed") and args.layout[6:].isdigit():
-    seg = (np.arange(s) // int(args.layout[6:]) + 1)[None].astype(np.int32)
-    frame = np.full((1, s), -1, np.int32)
+    case = packed_case(s, int(args.layout[6:]))
   else:
-    seg, frame = layout(args.layout, s)
-  lo, hi = masks.intervals(seg, frame)
-  kid = masks.key_indices(1, s)
+    case = make_case(args.layout, s)
+  lo, hi, kid = case.lo, case.hi, case.kid
   keys = jax.random.split(jax.random.key(0), 4)
   q, do = (jax.random.normal(x, (1, s, n, h), jnp.bfloat16) for x in keys[:2])
   k, v = (jax.random.normal(x, (1, s, kh, h), jnp.bfloat16) for x in keys[2:])
