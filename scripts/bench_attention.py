@@ -211,7 +211,13 @@ def _tokamax():
         setattr(sys.modules[parent], name.rsplit(".", 1)[1], sys.modules[name])
   try:
     import tokamax
+    from absl import flags
     from tokamax._src.ops.attention import api, base
+
+    # Older tokamax (0.0.12) reads absl flags when an op runs; unparsed, absl would parse this
+    # script's argv and reject its options. Its defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
   except Exception as e:  # noqa: BLE001 - e.g. a jax older than tokamax needs: skip, not fatal
     for name in added:
       sys.modules.pop(name, None)

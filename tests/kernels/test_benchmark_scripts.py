@@ -3,11 +3,13 @@ untimed first round, a failing implementation) and `scripts/bench_packing.py` en
 sizes (a subprocess: one CPU device, the portable kernel in place of the Hopper one)."""
 
 import argparse
+import importlib.machinery
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -40,6 +42,40 @@ def test_time_interleaved_turns_and_untimed_round():
     ["a", "b"],  # 2
   ]
   assert log == [name for r in rounds for name in r for _ in range(2)]
+
+
+def test_tokamax_import_leaves_absl_flags_parsed(monkeypatch):
+  """tokamax 0.0.12 reads absl flags when an op runs; unparsed, absl parses the script's argv and
+  rejects its options (UnrecognizedFlagError on --passes). `_tokamax` marks them parsed. A
+  stand-in package with tokamax's module layout takes the import."""
+  from absl import flags
+
+  names = ("tokamax", "tokamax._src", "tokamax._src.ops", "tokamax._src.ops.attention")
+  for name in names:
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    monkeypatch.setitem(sys.modules, name, mod)
+  sys.modules["tokamax"].__version__ = "0.0.12"
+  api = types.ModuleType("tokamax._src.ops.attention.api")
+  api.IMPLEMENTATIONS = {"mosaic_gpu": lambda q, k, v, **kw: flags.FLAGS.is_parsed()}
+  base = types.ModuleType("tokamax._src.ops.attention.base")
+  base.Mask = object
+  for name, mod in (("api", api), ("base", base)):
+    monkeypatch.setitem(sys.modules, f"tokamax._src.ops.attention.{name}", mod)
+    setattr(sys.modules["tokamax._src.ops.attention"], name, mod)
+  monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--passes", "fwd"])
+  was_parsed = flags.FLAGS.is_parsed()
+  flags.FLAGS.unparse_flags()
+  bench_attention._tokamax.cache_clear()
+  try:
+    ops, mask_cls, version = bench_attention._tokamax()
+    assert version == "0.0.12" and mask_cls is object
+    assert ops["mosaic_gpu"](None, None, None)  # absl will not parse --passes now
+    assert flags.FLAGS.is_parsed()
+  finally:
+    bench_attention._tokamax.cache_clear()
+    if not was_parsed:
+      flags.FLAGS.unparse_flags()
 
 
 def test_bench_packing_smoke():
