@@ -64,7 +64,7 @@ def test_tokamax_import_leaves_absl_flags_parsed(monkeypatch):
     monkeypatch.setitem(sys.modules, f"tokamax._src.ops.attention.{name}", mod)
     setattr(sys.modules["tokamax._src.ops.attention"], name, mod)
   monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--passes", "fwd"])
-  was_parsed = flags.FLAGS.is_parsed()
+  was_parsed, before = flags.FLAGS.is_parsed(), set(sys.modules)
   flags.FLAGS.unparse_flags()
   bench_attention._tokamax.cache_clear()
   try:
@@ -74,6 +74,9 @@ def test_tokamax_import_leaves_absl_flags_parsed(monkeypatch):
     assert flags.FLAGS.is_parsed()
   finally:
     bench_attention._tokamax.cache_clear()
+    for name in set(sys.modules) - before:  # the empty xprof modules it stands in
+      if name.startswith("xprof"):
+        del sys.modules[name]
     if not was_parsed:
       flags.FLAGS.unparse_flags()
 
