@@ -105,6 +105,36 @@ def test_bench_packing_smoke():
     assert r["density"] == pytest.approx((r["L"] + 1) / 512)
 
 
+@pytest.mark.parametrize("check_max", [256, 128], ids=["reference", "anchor"])
+def test_bench_attention_checks_every_row(check_max):
+  """Up to --check_max every row is checked against the dense reference; above it against the
+  first anchor that runs (cuDNN fails on a CPU, so lcv's portable kernel), itself unchecked."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  args = ["--seq", "256", "--layouts", "causal,frame144", "--impls", "cudnn,lcv_pallas,xla"]
+  args += ["--heads", "2", "--head_dim", "64", "--iters", "1", "--rounds", "1"]
+  out = subprocess.run(
+    [sys.executable, "scripts/bench_attention.py", *args, "--check_max", str(check_max)],
+    cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=True,
+  ).stdout  # fmt: skip
+  rows = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+  assert {(r["impl"], r["layout"], r["pass_"]) for r in rows} == {
+    (impl, layout, pas)
+    for impl in ("lcv_pallas", "xla", "cudnn")
+    for layout in ("causal", "frame144")
+    for pas in ("fwd", "fwd_bwd")
+    if impl != "cudnn" or layout == "causal"
+  }
+  for r in rows:
+    if r["impl"] == "cudnn":
+      assert "error" in r and "checked_against" not in r, r
+    elif check_max >= 256:
+      assert r["checked_against"] == "reference" and r["rel_err"] < 2e-2, r
+    elif r["impl"] == "lcv_pallas":
+      assert r["checked_against"] == "none (the anchor)" and "rel_err" not in r, r
+    else:
+      assert r["checked_against"] == "lcv_pallas" and r["rel_err"] < 2e-2, r
+
+
 def test_bench_packing_rejects_bad_arguments():
   import bench_packing
 
