@@ -101,7 +101,7 @@ def fwd_bwd(attn):
   return jax.jit(run)
 
 
-# Above --check_max, the implementation every other one is compared with: the first present.
+# Above --check_max, the others are compared with the first of these that runs (the anchor).
 ANCHORS = ("cudnn", "lcv_hopper", "lcv_pallas")
 
 
