@@ -205,22 +205,30 @@ def run_range(c0, c1, w, step, carry):
   return carry
 
 
-def run_range_carried(c0, c1, w, step, carry):
+def run_range_carried(c0, c1, w, step, carry, first_full: bool = False):
   """`run_range` for schedules that carry one product of a tile into the next tile's step (the
-  forward's PV, the dK/dV kernel's dK): seven loops with (own, pending, mode) fixed per loop.
+  forward's PV, the dK/dV kernel's dK): seven loops (eight with `first_full`), (own, pending,
+  mode) fixed per loop.
 
   own: the tile is in the warpgroup's range; pending: the previous tile was, and its carried
-  product runs in this step. The first own tile has nothing pending (it is masked even when
-  full: the same values) and the tile after the range carries its last product; when the range
-  ends at c1, that product is left to the caller. step(j, carry, own, pending, mode) -> carry.
+  product runs in this step. The first own tile has nothing pending and the tile after the range
+  carries its last product; when the range ends at c1, that product is left to the caller.
+  step(j, carry, own, pending, mode) -> carry.
+
+  The first own tile is masked even when it is full (the same values, one step body less)
+  unless `first_full`: then a full first tile (a causal row's key tile 0) runs unmasked. The
+  forward asks for it; the dK/dV kernel's first query tile is the diagonal on causal rows.
   """
   w0, w1, w2, w3 = w
   w0p = jnp.minimum(w0 + 1, w3)
   w1p, w2p = jnp.maximum(w1, w0p), jnp.maximum(w2, w0p)
   w3p = w3 + ((w0 < w3) & (w3 < c1)).astype(jnp.int32)
+  w0m = jnp.where((w1 <= w0) & (w0 < w2), w0, w0p) if first_full else w0p
+  first_full_loop = ((w0m, w0p, True, False, "full"),) if first_full else ()
   loops = (
     (c0, w0, False, False, "skip"),
-    (w0, w0p, True, False, "mask"),
+    (w0, w0m, True, False, "mask"),
+    *first_full_loop,
     (w0p, w1p, True, True, "mask"),
     (w1p, w2p, True, True, "full"),
     (w2p, w3, True, True, "mask"),

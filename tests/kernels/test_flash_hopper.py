@@ -96,6 +96,33 @@ def test_own_range_of_three_consumers():
       assert got == list(row[2 + 4 * wg : 6 + 4 * wg]), (wg, got)
 
 
+@pytest.mark.parametrize("first_full", [False, True])
+def test_run_range_carried_visits_each_tile_once(first_full):
+  """`run_range_carried` on every ordered range inside [c0, c1) = [2, 9): each tile is stepped
+  exactly once, in order; `own` marks the warpgroup's tiles, `pending` the tile after an own one;
+  own tiles in [full first, full end) run unmasked except the first one, which runs unmasked only
+  with `first_full` (the forward's causal tile 0)."""
+  c0, c1 = 2, 9
+  bounds = range(c0, c1 + 1)
+  for w in [(a, b, c, d) for a in bounds for b in bounds for c in bounds for d in bounds]:
+    if not (w[0] <= w[1] <= w[2] <= w[3]) or (w[1] > w[0] and w[1] == w[2]):
+      continue
+    seen = []
+
+    def step(j, carry, own, pending, mode, seen=seen):
+      seen.append((int(j), own, pending, mode))
+      return carry
+
+    with jax.disable_jit():  # the loops run in Python with concrete tile indices
+      hopper_pipeline.run_range_carried(c0, c1, [jnp.int32(x) for x in w], step, 0, first_full)
+    assert [s[0] for s in seen] == list(range(c0, c1)), (w, seen)
+    for j, own, pending, mode in seen:
+      assert own == (w[0] <= j < w[3]), (w, j)
+      assert pending == (w[0] < j <= w[3] and w[0] < w[3]), (w, j)
+      full = own and w[1] <= j < w[2] and (first_full or j > w[0])
+      assert mode == ("full" if full else "mask" if own else "skip"), (w, j, mode)
+
+
 def test_interpreter_packed_gqa_padding():
   """Two packed samples with frames, GQA 2:1, T and S not multiples of the tiles (padding), a
   key range longer than the two smem stages: forward and gradients in the interpreter (at
