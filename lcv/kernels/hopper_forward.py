@@ -32,6 +32,10 @@ first one too: a causal row's tile 0), and steps over the CTA's tiles outside it
 the same barrier traffic but no math. A consumer's Q tile and its rows' intervals land on one
 barrier. These last two measured level on H100s (-3% to +2.4% over causal, frame and packed
 rows; benchmarks/NOTES.md, "Twentieth round") and are kept as the leaner CTA start.
+
+Each warpgroup reads its values of the CTA's tile range after `setmaxnreg` (which waits for
+outstanding loads), a consumer only its own four; up to H = 128 the producer's copies and waits
+run in one warp (`WARP_PRODUCER_MAX_H`; +1% on causal rows at H = 128, "Twenty-first round").
 """
 
 from __future__ import annotations
@@ -60,12 +64,18 @@ from lcv.kernels.hopper_pipeline import (
   drain,
   launch,
   mma,
-  own_range,
   run_range_carried,
   tiled_smem,
   vec,
   zeros,
 )
+
+# Up to this head dim the producer issues its copies and waits as one warp, as tokamax's does (the
+# other three warps of its warpgroup exit): 32 threads poll and arrive on the stage barriers, not
+# 128. On H100s +0.2% to +2.3% at H = 128 in 12 of 13 rows over two runs (one row -1.0%), +2.0% /
+# -1.4% at H = 64. At H = 256 ptxas then spills (4 bytes stored, 12 loaded) and the forward ran
+# 13-16% slower: there the producer stays a warpgroup (benchmarks/NOTES.md, "Twenty-first round").
+WARP_PRODUCER_MAX_H = 128
 
 
 def forward(p: Plan, q, k, v, lo, hi, kid):
@@ -90,8 +100,9 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
     head = lax.axis_index("heads")
     tile = n_cta - 1 - lax.axis_index("q_seq")  # longest (causal) rows first: a shorter tail
     wg = lax.axis_index("wg")
-    rng = [rng_ref[bi, tile, i] for i in range(2 + 4 * wgs)]
-    c0, c1 = rng[0], rng[1]
+
+    def cta_range():  # read after `setmaxnreg`, which waits for outstanding loads
+      return rng_ref[bi, tile, 0], rng_ref[bi, tile, 1]
 
     def hand_over():  # the next consumer's turn may begin ...
       plgpu.barrier_arrive(sched.at[lax.rem(wg + 1, wgs)])
@@ -113,9 +124,10 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, head], q_smem, q_bars.at[wg])
       plgpu.copy_gmem_to_smem(lo_ref.at[bi, rows], lo_smem, q_bars.at[wg])
       plgpu.copy_gmem_to_smem(hi_ref.at[bi, rows], hi_smem, q_bars.at[wg])
+      c0, c1 = cta_range()
+      w = [rng_ref[bi, tile, 2 + 4 * wg + i] for i in range(4)]  # this consumer's own range
       plgpu.barrier_wait(q_bars.at[wg])
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
-      w = own_range(rng, wg, wgs)
 
       wgmma = plgpu.Layout.WGMMA
       row = wgmma.reduce(1)
@@ -237,7 +249,16 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
     def _producer():
       kv = ((k_ref, k_smem, k_bars), (kid_ref, kid_smem, k_bars), (v_ref, v_smem, v_bars))
       kv_head = lax.div(head, jnp.int32(p.groups))
-      _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free), registers[1])
+      plgpu.set_max_registers(registers[1], action="decrease")
+      c0, c1 = cta_range()
+
+      def produce():
+        _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free))
+
+      if p.interpret or h > WARP_PRODUCER_MAX_H:  # the interpreter has no warp-level code
+        produce()
+      else:
+        plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
 
   def entry(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref):
     smem = (
@@ -304,13 +325,12 @@ def _qk_pv(p: Plan, q_smem, k_smem, acc, p_prev, v_smem, issued):
   return s, acc
 
 
-def _produce_kv_split(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers):
+def _produce_kv_split(bi, kv_head, bk, c0, c1, stages, kv, free_bars):
   """The forward's producer: it waits for a stage's K slot and V slot separately.
 
   The consumers free V of tile j only in the turn of tile j + 1, after they have waited for K of
   tile j + 1: that K must not wait for the V slot too.
   """
-  plgpu.set_max_registers(registers, action="decrease")
   k_free, v_free = free_bars
   for i in range(stages):
 
