@@ -255,7 +255,7 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       def produce():
         _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free))
 
-      if p.interpret or h > WARP_PRODUCER_MAX_H:  # the interpreter has no warp-level code
+      if p.interpret or h > WARP_PRODUCER_MAX_H:  # (Mosaic GPU's interpreter runs no warp_map)
         produce()
       else:
         plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
