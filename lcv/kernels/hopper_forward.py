@@ -35,7 +35,7 @@ rows; benchmarks/NOTES.md, "Twentieth round") and are kept as the leaner CTA sta
 
 Each warpgroup reads its values of the CTA's tile range after `setmaxnreg` (which waits for
 outstanding loads), a consumer only its own four; up to H = 128 the producer's copies and waits
-run in one warp (`WARP_PRODUCER_MAX_H`; +1% on causal rows at H = 128, "Twenty-first round").
+run in one warp (`WARP_PRODUCER_HEAD_DIMS`; +1% on causal rows at H = 128, "Twenty-first round").
 """
 
 from __future__ import annotations
@@ -64,18 +64,19 @@ from lcv.kernels.hopper_pipeline import (
   drain,
   launch,
   mma,
+  one_warp,
   run_range_carried,
   tiled_smem,
   vec,
   zeros,
 )
 
-# Up to this head dim the producer issues its copies and waits as one warp, as tokamax's does (the
-# other three warps of its warpgroup exit): 32 threads poll and arrive on the stage barriers, not
-# 128. On H100s +0.2% to +2.3% at H = 128 in 12 of 13 rows over two runs (one row -1.0%), +2.0% /
-# -1.4% at H = 64. At H = 256 ptxas then spills (4 bytes stored, 12 loaded) and the forward ran
-# 13-16% slower: there the producer stays a warpgroup (benchmarks/NOTES.md, "Twenty-first round").
-WARP_PRODUCER_MAX_H = 128
+# At these head dims the producer issues its copies and waits as one warp (`one_warp`), as
+# tokamax's does. On H100s +0.2% to +2.3% at H = 128 in 12 of 13 rows over two runs (one row
+# -1.0%), +2.0% / -1.4% at H = 64. At H = 256 ptxas then spills (4 bytes stored, 12 loaded) and
+# the forward ran 13-16% slower: there the producer stays a warpgroup (benchmarks/NOTES.md,
+# "Twenty-first round").
+WARP_PRODUCER_HEAD_DIMS = (64, 128)
 
 
 def forward(p: Plan, q, k, v, lo, hi, kid):
@@ -252,13 +253,11 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       plgpu.set_max_registers(registers[1], action="decrease")
       c0, c1 = cta_range()
 
-      def produce():
-        _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free))
-
-      if p.interpret or h > WARP_PRODUCER_MAX_H:  # (Mosaic GPU's interpreter runs no warp_map)
-        produce()
-      else:
-        plgpu.warp_map(lambda warp: pl.when(warp == 0)(produce))
+      one_warp(
+        p,
+        lambda: _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free)),
+        WARP_PRODUCER_HEAD_DIMS,
+      )
 
   def entry(rng_ref, q_ref, k_ref, v_ref, lo_ref, hi_ref, kid_ref, o_ref, lse_ref):
     smem = (

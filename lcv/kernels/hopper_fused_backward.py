@@ -16,7 +16,7 @@ so each consumer forms half of dQ's columns over the CTA's 128 keys (FA3's split
 [64, 64] accumulator, one [64, 128] float32 reduce per (query tile, CTA)). The producer waits
 for both staged halves, issues the TMA reduce-adds (`cp.reduce.async.bulk .add`) into a float32
 dQ in global memory, waits until they have read the staging buffer and frees it: a consumer
-never waits on a store.
+never waits on a store. At H = 128 the producer is one warp (`WARP_PRODUCER_HEAD_DIMS`).
 
 At H = 64 half of a K tile's columns (32 bf16, 64 bytes) is narrower than the tile's 128-byte
 swizzle, so dQ is split by positions instead: the consumer of position t - 1's parity forms
@@ -85,6 +85,7 @@ from lcv.kernels.hopper_pipeline import (
   drain,
   issue,
   mma,
+  one_warp,
   run_range,
   tiled_smem,
   vec,
@@ -93,6 +94,12 @@ from lcv.kernels.hopper_pipeline import (
 
 BUFFERS = 3  # dS^T tiles in flight: positions t - 2, t - 1 (read) and t (written)
 HEAD_DIMS = (64, 128)  # H = 256: a consumer would hold dK and dV, 256 registers
+# At these head dims the producer (its copies, waits, arrivals and dQ reduce-adds) runs as one
+# warp (`hopper_pipeline.one_warp`). On H100s at H = 128: +1.6% to +3.4% on causal rows of 4K,
+# 16K, 32K and 128K and on frame and packed rows; at 64K +3.1%, -1.0% and -2.6% in three runs.
+# At H = 64 -0.9% and -1.4%: there it stays a warpgroup (benchmarks/NOTES.md, "Twenty-second
+# round").
+WARP_PRODUCER_HEAD_DIMS = (128,)
 
 
 def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid, profile: tuple[int, str] = (0, "")):
@@ -273,9 +280,8 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid, profile: tuple[int, s
     for cw in range(WGS):
       pl.when(wg == cw)(functools.partial(consumer, cw))
 
-    @pl.when(wg == WGS)
-    def _producer():
-      plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
+    def produce():
+      """The producer: the query-side stream in, staged dQ reduce-added out."""
       for u in range(WGS if whole else 1):
         plgpu.barrier_arrive(handoff(dq_free, u))  # the staging buffers start free
       gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
@@ -324,6 +330,11 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid, profile: tuple[int, s
 
       reduce(total - 1)
       drain(jnp.int32(0), total, st, (q_free,))
+
+    @pl.when(wg == WGS)
+    def _producer():
+      plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
+      one_warp(p, produce, WARP_PRODUCER_HEAD_DIMS)
 
   def entry(*refs):
     smem = (

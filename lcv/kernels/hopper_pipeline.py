@@ -11,7 +11,7 @@ a ring of shared-memory stages with the bulk tensor copy engine (TMA), each stag
 - `cta_ranges`: the per-CTA tile ranges from `flash_gpu.tile_ranges`, and `run_range` /
   `run_range_carried`, a consumer's pass over them as loops with the tile mode fixed per loop;
 - `produce` / `produce_kv` / `drain` / `copy_kv`: the producer warpgroup's loop over the ring
-  of stages;
+  of stages, and `one_warp`, which runs a producer in one warp of its warpgroup;
 - `mma` / `issue`: wgmma with a float32 accumulator in registers (plain dots in the interpreter),
   `vec` / `zeros` / `bcast` for values in wgmma layouts, `tiled_smem` for swizzled tiles;
 - `launch`: one CTA per (head, tile, batch) with the three warpgroups.
@@ -290,6 +290,18 @@ def produce_kv(bi, kv_head, bk, c0, c1, stages, kv, free_bars, registers):
   per producer thread (`setmaxnreg`)."""
   plgpu.set_max_registers(registers, action="decrease")
   produce(c0, c1, stages, lambda j, slot: copy_kv(bi, kv_head, bk, j, slot, kv), free_bars)
+
+
+def one_warp(p: Plan, body, head_dims: tuple[int, ...]) -> None:
+  """Runs a producer's `body()` in the first warp of its warpgroup at the head dims given (the
+  other three warps exit; tokamax's forward producer does this), else in the whole warpgroup:
+  32 threads poll and arrive on the stage barriers, not 128. Every copy, barrier wait and
+  arrival has a warp form in Mosaic GPU (an arrival of one warp counts as its warpgroup's). Its
+  interpreter runs no `warp_map`: there the warpgroup runs `body`."""
+  if p.interpret or p.h not in head_dims:
+    body()
+  else:
+    plgpu.warp_map(lambda warp: pl.when(warp == 0)(body))
 
 
 def vec(ref, axis: int, interpret):

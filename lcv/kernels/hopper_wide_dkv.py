@@ -19,11 +19,11 @@ explains, reason not known (benchmarks/NOTES.md, "Ninth round"). At H = 128 the 
 "Tenth round"), so it runs only at 256.
 
 Shared memory holds K and V [64, 256] (64 KB), a 2-stage query-side ring (q and dO, 128 KB) and
-P^T per stage (16 KB): 64 keys per CTA, half of `hopper_backward.dkv`'s. The producer copies K, V
-and the key indices once, then streams the ring like `hopper_backward.dkv` (every head of the GQA
-group in turn); a stage, P^T's slot with it, is freed when both consumers have read it. At the
-end each consumer writes its gradient through the smem of K or V, which the other may still be
-reading, so they meet at a barrier first.
+P^T per stage (16 KB): 64 keys per CTA, half of `hopper_backward.dkv`'s. The producer (one warp:
+`WARP_PRODUCER_HEAD_DIMS`) copies K, V and the key indices once, then streams the ring like
+`hopper_backward.dkv` (every head of the GQA group in turn); a stage, P^T's slot with it, is
+freed when both consumers have read it. At the end each consumer writes its gradient through the
+smem of K or V, which the other may still be reading, so they meet at a barrier first.
 """
 
 from __future__ import annotations
@@ -54,11 +54,16 @@ from lcv.kernels.hopper_pipeline import (
   cta_ranges,
   launch,
   mma,
+  one_warp,
   run_range,
   tiled_smem,
   vec,
   zeros,
 )
+
+# The producer runs as one warp (`hopper_pipeline.one_warp`): +2.8% and +3.2% at 16K causal on
+# H100s, bitwise equal, no spills (benchmarks/NOTES.md, "Twenty-second round").
+WARP_PRODUCER_HEAD_DIMS = (256,)
 
 # P^T goes from the dV consumer to the dK one in float16 (10 mantissa bits against bf16's 7, for
 # P in [0, 1]); a float32 tile would overflow shared memory by 160 bytes. Measured on an H200
@@ -158,14 +163,17 @@ def dkv(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid):
     def _dk():
       consumer(dk_step, k_smem, dk_ref, p.scale)
 
-    @pl.when(wg == WGS)
-    def _producer():
-      plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
+    def produce():  # K, V and the key indices once, then the query-side stream
       srcs = (k_ref.at[bi, rows, kv_head], v_ref.at[bi, rows, kv_head], kid_ref.at[bi, rows])
       for i, (src, dst) in enumerate(zip(srcs, (k_smem, v_smem, kid_smem))):
         plgpu.copy_gmem_to_smem(src, dst, kv_bars.at[i])
       gmem = (q_ref, do_ref, lse_ref, dl_ref, lo_ref, hi_ref)
       produce_queries(gmem, ring, loaded, (q_free,), bi, kv_head, g, c0, span, bq, st)
+
+    @pl.when(wg == WGS)
+    def _producer():
+      plgpu.set_max_registers(WIDE_REGISTERS[1], action="decrease")
+      one_warp(p, produce, WARP_PRODUCER_HEAD_DIMS)
 
   def entry(*refs):
     smem = (

@@ -282,6 +282,7 @@ GPU_CASES = [
   # (t, s, n, kh, h, frame, segments, pad, dtype)
   (2048, 2048, 2, 2, 128, 1, 1, 0, jnp.bfloat16),  # causal text
   (2048, 2048, 4, 2, 128, 257, 3, 100, jnp.bfloat16),  # packed video, GQA, padding
+  (2048, 2048, 2, 2, 128, 144, 3, 60, jnp.float16),  # H = 128 fused backward, packed video
   (1500, 1500, 2, 1, 64, 144, 2, 7, jnp.float16),
   (1800, 1800, 2, 2, 64, 257, 3, 40, jnp.bfloat16),  # H = 64 fused backward, packed video
   (1100, 1100, 2, 1, 256, 257, 2, 30, jnp.bfloat16),  # H = 256: hopper_wide_dkv, one dQ consumer
