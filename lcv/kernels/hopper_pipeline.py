@@ -90,8 +90,10 @@ class Plan:
     pair) instead of the dQ and dK/dV kernels (7): at H = 64 (on an H100 4-7% faster than the
     split pair without GQA, 9-14% with it) and at H = 128 without GQA (2-5% faster on an H200;
     with GQA the split pair's pipelined dK/dV schedule was level to 5% faster, and with the
-    fused kernel's merged query barrier fwd+bwd still read 0.98-1.04x the split pair's). H = 256
-    has no fused form (benchmarks/NOTES.md, "Thirteenth", "Sixteenth", "Seventeenth round")."""
+    fused kernel's merged query barrier fwd+bwd still read 0.98-1.04x the split pair's; with its
+    one-warp producer the fused kernel alone is 4-5% faster there, fwd+bwd not yet compared).
+    H = 256 has no fused form (benchmarks/NOTES.md, "Thirteenth", "Sixteenth", "Seventeenth",
+    "Twenty-second round")."""
     return self.h == 64 or (self.h == 128 and self.groups == 1)
 
   @property
