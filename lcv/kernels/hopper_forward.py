@@ -65,6 +65,7 @@ from lcv.kernels.hopper_pipeline import (
   launch,
   mma,
   one_warp,
+  own_column,
   run_range_carried,
   tiled_smem,
   vec,
@@ -126,7 +127,7 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       plgpu.copy_gmem_to_smem(lo_ref.at[bi, rows], lo_smem, q_bars.at[wg])
       plgpu.copy_gmem_to_smem(hi_ref.at[bi, rows], hi_smem, q_bars.at[wg])
       c0, c1 = cta_range()
-      w = [rng_ref[bi, tile, 2 + 4 * wg + i] for i in range(4)]  # this consumer's own range
+      w = [rng_ref[bi, tile, own_column(wg, i)] for i in range(4)]  # its own range only
       plgpu.barrier_wait(q_bars.at[wg])
       row_lo, row_hi = vec(lo_smem, 1, p.interpret), vec(hi_smem, 1, p.interpret)
 
@@ -252,7 +253,6 @@ def forward(p: Plan, q, k, v, lo, hi, kid):
       kv_head = lax.div(head, jnp.int32(p.groups))
       plgpu.set_max_registers(registers[1], action="decrease")
       c0, c1 = cta_range()
-
       one_warp(
         p,
         lambda: _produce_kv_split(bi, kv_head, bk, c0, c1, st, kv, (k_free, v_free)),

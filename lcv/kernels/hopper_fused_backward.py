@@ -86,6 +86,7 @@ from lcv.kernels.hopper_pipeline import (
   issue,
   mma,
   one_warp,
+  own_column,
   run_range,
   tiled_smem,
   vec,
@@ -165,7 +166,7 @@ def dkv_dq(p: Plan, q, k, v, do, lse2, delta, lo, hi, kid, profile: tuple[int, s
         load_keys(gmem, smem, kv_bars, bi, kv_head, rows, cw)
         plgpu.barrier_wait(kv_bars.at[1 - cw])  # the other consumer's K: the dQ products read it
       key = vec(kid_smem, 1, p.interpret)
-      w = rng[2 + 4 * cw : 6 + 4 * cw]
+      w = [rng[own_column(cw, i)] for i in range(4)]
       cols = pl.ds(0 if whole else cw * hc, hc)
       staged, free = handoff(dq_staged, wg), handoff(dq_free, wg)  # traced: see above
 

@@ -167,9 +167,9 @@ def cta_ranges(r, wgs: int = WGS):
   """Per-warpgroup tile ranges [B, tiles, 4] -> per-CTA int32[B, tiles // wgs, 2 + 4 * wgs].
 
   Row layout: (cta first, cta end, then (first, full first, full end, end) of each of the `wgs`
-  consumer warpgroups), every warpgroup value clipped into the CTA range so the loops of a
-  consumer partition exactly the tiles the producer loads; a warpgroup with no tiles gets an
-  empty range.
+  consumer warpgroups, at `own_column`), every warpgroup value clipped into the CTA range so the
+  loops of a consumer partition exactly the tiles the producer loads; a warpgroup with no tiles
+  gets an empty range.
   """
   b = r.shape[0]
   r = r.reshape(b, -1, wgs, 4)
@@ -184,12 +184,18 @@ def cta_ranges(r, wgs: int = WGS):
   return jnp.concatenate([c0[..., None], c1[..., None], w], -1).astype(jnp.int32)
 
 
+def own_column(wg, i: int):
+  """The column of a `cta_ranges` row that holds value i of (first, full first, full end, end)
+  of consumer `wg` (an int or a traced index)."""
+  return 2 + 4 * wg + i
+
+
 def own_range(rng, wg, wgs: int = WGS):
   """Consumer `wg`'s (first, full first, full end, end) from its CTA's `cta_ranges` row `rng`
   (a list of scalars)."""
-  out = rng[2 + 4 * (wgs - 1) : 6 + 4 * (wgs - 1)]
+  out = [rng[own_column(wgs - 1, i)] for i in range(4)]
   for other in range(wgs - 2, -1, -1):
-    out = [jnp.where(wg == other, rng[2 + 4 * other + i], x) for i, x in enumerate(out)]
+    out = [jnp.where(wg == other, rng[own_column(other, i)], x) for i, x in enumerate(out)]
   return out
 
 
